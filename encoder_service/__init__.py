@@ -1,0 +1,1 @@
+"""The encoder service: CLIP image and text embeddings over gRPC, dynamically batched."""

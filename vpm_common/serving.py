@@ -1,0 +1,64 @@
+"""Server bootstrap shared by both services: options, health, reflection and a signal-driven stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+logger = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Channel options for a server that takes messages up to `max_message_bytes`."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        # Let clients keep idle connections open with keepalive pings.
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+def add_health_and_reflection(server: aio.Server, service_names: list[str]) -> health.aio.HealthServicer:
+    """Register grpc.health.v1 (NOT_SERVING until told otherwise) and server reflection."""
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server)
+    return health_servicer
+
+
+async def set_serving(health_servicer: health.aio.HealthServicer, services: list[str], serving: bool) -> None:
+    """Report every named service, and the server as a whole (""), as SERVING or NOT_SERVING."""
+    status = SERVING if serving else NOT_SERVING
+    for name in ["", *services]:
+        await health_servicer.set(name, status)
+
+
+async def wait_for_stop_signal() -> str:
+    """Return the name of the first SIGTERM or SIGINT received."""
+    loop = asyncio.get_running_loop()
+    received: asyncio.Future[str] = loop.create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda s=sig: received.done() or received.set_result(s.name))
+    try:
+        return await received
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def stop_gracefully(
+    server: aio.Server, health_servicer: health.aio.HealthServicer, grace_s: float
+) -> None:
+    """Report NOT_SERVING to every watcher, then stop taking calls and let running ones finish."""
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace_s)
