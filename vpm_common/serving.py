@@ -1,4 +1,4 @@
-"""Server bootstrap shared by both services: options, health, reflection and a signal-driven stop."""
+"""Server bootstrap shared by both services: options, health, reflection, signal-driven stop."""
 
 from __future__ import annotations
 
@@ -27,16 +27,22 @@ def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-def add_health_and_reflection(server: aio.Server, service_names: list[str]) -> health.aio.HealthServicer:
-    """Register grpc.health.v1 (NOT_SERVING until told otherwise) and server reflection."""
-    health_servicer = health.aio.HealthServicer()
+def add_health_and_reflection(
+    server: aio.Server,
+    service_names: list[str],
+    health_servicer: health.aio.HealthServicer | None = None,
+) -> health.aio.HealthServicer:
+    """Register grpc.health.v1 and server reflection on `server`; returns the health servicer."""
+    health_servicer = health_servicer or health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
     return health_servicer
 
 
-async def set_serving(health_servicer: health.aio.HealthServicer, services: list[str], serving: bool) -> None:
+async def set_serving(
+    health_servicer: health.aio.HealthServicer, services: list[str], serving: bool
+) -> None:
     """Report every named service, and the server as a whole (""), as SERVING or NOT_SERVING."""
     status = SERVING if serving else NOT_SERVING
     for name in ["", *services]:

@@ -1,0 +1,109 @@
+"""Image bytes to model input: decode within limits, EXIF orientation, open_clip's preprocess.
+
+Images are taken as a viewer shows them (EXIF orientation first) and then
+preprocessed by the model's own open_clip transform, unchanged, so vectors
+agree with open_clip's reference pipeline. Every way an input can be bad ends
+in InvalidArgument with a message a client can act on.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vpm_common.errors import InvalidArgument
+
+logger = logging.getLogger(__name__)
+
+# Only these decoders may run on client bytes: PIL's others include formats
+# that shell out (EPS via Ghostscript) or that nobody sends as a product photo.
+Image.init()  # register every plugin now: `formats=` only finds registered ones
+FORMATS = tuple(
+    name for name in ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF") if name in Image.OPEN
+)
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000
+
+
+@dataclass(frozen=True)
+class Timings:
+    decode_s: float
+    preprocess_s: float
+
+
+def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Decode `data` into a fully loaded PIL image, upright per its EXIF orientation."""
+    if not data:
+        raise InvalidArgument("image is empty (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise InvalidArgument(f"image is {len(data)} bytes, over the limit of {limits.max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel limit below replaces PIL's decompression-bomb warning.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except UnidentifiedImageError:
+        raise InvalidArgument(
+            "not a recognized image (expected JPEG, PNG, WebP, GIF, BMP or TIFF)"
+        ) from None
+    except Image.DecompressionBombError:
+        raise InvalidArgument(_too_many_pixels(limits)) from None
+    except (OSError, SyntaxError, ValueError):
+        raise InvalidArgument("image header is corrupt") from None
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise InvalidArgument(f"image has no pixels ({width}x{height})")
+    if width * height > limits.max_pixels:
+        raise InvalidArgument(
+            f"image is {width}x{height} = {width * height} pixels, "
+            f"over the limit of {limits.max_pixels} pixels"
+        )
+    try:
+        image.load()
+    except Image.DecompressionBombError:
+        raise InvalidArgument(_too_many_pixels(limits)) from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError):
+        raise InvalidArgument("image data is truncated or corrupt") from None
+    return _upright(image)
+
+
+def _too_many_pixels(limits: ImageLimits) -> str:
+    return f"image declares too many pixels, over the limit of {limits.max_pixels} pixels"
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not lose a good image
+        logger.debug("ignoring unreadable EXIF orientation", exc_info=True)
+        return image
+
+
+class ImagePreprocessor:
+    """decode_image, then the model's open_clip transform; callable from worker threads."""
+
+    def __init__(self, transform: Callable[[Image.Image], Any], limits: ImageLimits) -> None:
+        self._transform = transform
+        self.limits = limits
+
+    def __call__(self, data: bytes) -> tuple[Any, Timings]:
+        """Image bytes -> (float32 tensor (3, S, S), time spent decoding and preprocessing)."""
+        started = time.perf_counter()
+        image = decode_image(data, self.limits)
+        decoded = time.perf_counter()
+        try:
+            pixels = self._transform(image)
+        except (OSError, ValueError):
+            raise InvalidArgument(f"image cannot be converted from {image.mode} mode") from None
+        return pixels, Timings(decoded - started, time.perf_counter() - decoded)

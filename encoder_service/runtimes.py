@@ -1,0 +1,195 @@
+"""Inference runtimes behind one interface: PyTorch (CPU or CUDA) and ONNX Runtime (CPU).
+
+Both start from the same `LoadedModel`, so they compute the same function;
+the ONNX graphs are exported from those very weights and checked for parity
+before they may serve. Runtimes return raw (unnormalized) float32 features;
+the engine normalizes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from encoder_service.model import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+PARITY_MIN_COSINE = 0.999
+
+
+class ParityError(RuntimeError):
+    """An exported graph disagrees with the PyTorch model it came from."""
+
+
+class Runtime(ABC):
+    """Runs the two towers on batches."""
+
+    name: str
+    device: str
+    dtype: str
+
+    @abstractmethod
+    def encode_images(self, pixels: Any) -> np.ndarray:
+        """float32 tensor (N, 3, S, S) on the CPU -> float32 features (N, D)."""
+
+    @abstractmethod
+    def encode_texts(self, tokens: Any) -> np.ndarray:
+        """int64 tensor (N, context_length) -> float32 features (N, D)."""
+
+    def close(self) -> None:  # noqa: B027 - most runtimes have nothing to release
+        """Release what the runtime holds."""
+
+
+class TorchRuntime(Runtime):
+    """PyTorch eager: fp32 on the CPU, fp16/bf16 autocast on CUDA."""
+
+    name = "torch"
+
+    def __init__(self, loaded: LoadedModel, device: str = "cpu", dtype: str = "float32") -> None:
+        import torch
+
+        self._torch = torch
+        self.device = device
+        self.dtype = dtype
+        self._autocast_dtype = getattr(torch, dtype) if dtype != "float32" else None
+        self._model = loaded.model.to(device).eval()
+
+    def _run(self, tower: Any, batch: Any) -> np.ndarray:
+        torch = self._torch
+        batch = batch.to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            if self._autocast_dtype is not None:
+                with torch.autocast(device_type="cuda", dtype=self._autocast_dtype):
+                    features = tower(batch)
+            else:
+                features = tower(batch)
+        return features.float().cpu().numpy()
+
+    def encode_images(self, pixels: Any) -> np.ndarray:
+        return self._run(self._model.encode_image, pixels)
+
+    def encode_texts(self, tokens: Any) -> np.ndarray:
+        return self._run(self._model.encode_text, tokens)
+
+    def close(self) -> None:
+        self._model = None
+        if self.device.startswith("cuda"):
+            self._torch.cuda.empty_cache()
+
+
+class OnnxRuntime(Runtime):
+    """ONNX Runtime on the CPU over graphs exported from the same weights."""
+
+    name = "onnx"
+    device = "cpu"
+    dtype = "float32"
+
+    def __init__(self, visual_path: Path, text_path: Path, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only: its warnings are about graph internals
+        # Idle ORT threads spin by default, stealing the cores that decode images
+        # and run PyTorch next to it; on a small CPU that costs more than it saves.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = ["CPUExecutionProvider"]
+        self._visual = ort.InferenceSession(str(visual_path), options, providers=providers)
+        self._text = ort.InferenceSession(str(text_path), options, providers=providers)
+
+    def encode_images(self, pixels: Any) -> np.ndarray:
+        array = np.ascontiguousarray(pixels.numpy(), dtype=np.float32)
+        return self._visual.run(None, {"pixels": array})[0]
+
+    def encode_texts(self, tokens: Any) -> np.ndarray:
+        array = np.ascontiguousarray(tokens.numpy(), dtype=np.int64)
+        return self._text.run(None, {"tokens": array})[0]
+
+    def close(self) -> None:
+        self._visual = self._text = None
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is usable, else 'cpu'; 'cuda' without one is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available here")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    if dtype == "auto":
+        return "float16" if device.startswith("cuda") else "float32"
+    if not device.startswith("cuda") and dtype != "float32":
+        raise ValueError(f"--dtype {dtype}: the CPU runs float32 only")
+    return dtype
+
+
+def build_runtime(
+    loaded: LoadedModel,
+    runtime: str = "auto",
+    device: str = "auto",
+    dtype: str = "auto",
+    threads: int = 0,
+    cache_dir: Path | None = None,
+) -> Runtime:
+    """The runtime the settings ask for; 'auto' is PyTorch on CUDA and the faster one on the CPU."""
+    import torch
+
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    if runtime == "torch" or (runtime == "auto" and device.startswith("cuda")):
+        return TorchRuntime(loaded, device, dtype)
+    if device.startswith("cuda"):
+        raise ValueError("--runtime onnx runs on the CPU only here; use --runtime torch on CUDA")
+    from encoder_service import onnx_export
+
+    cache_dir = cache_dir or Path.home() / ".cache" / "vpm"
+    try:
+        onnx = onnx_export.load_checked(loaded, cache_dir, threads)
+    except Exception as error:
+        if runtime == "onnx":
+            raise
+        logger.warning("ONNX Runtime unusable (%s); using PyTorch", error)
+        return TorchRuntime(loaded, device, dtype)
+    if runtime == "onnx":
+        return onnx
+    return _faster_on_one_image(onnx, TorchRuntime(loaded, device, dtype), loaded.image_size)
+
+
+def _faster_on_one_image(first: Runtime, second: Runtime, image_size: int) -> Runtime:
+    """Measure one-image latency of both (what a live query waits for) and keep the faster."""
+    import torch
+
+    probe = torch.zeros(1, 3, image_size, image_size)
+    timings = {}
+    for candidate in (first, second):
+        candidate.encode_images(probe)  # warm-up
+        started = time.perf_counter()
+        for _ in range(3):
+            candidate.encode_images(probe)
+        timings[candidate] = (time.perf_counter() - started) / 3
+    chosen = min(timings, key=timings.get)
+    logger.info(
+        "runtime auto: one image takes %s; using %s",
+        ", ".join(f"{r.name} {t * 1000:.1f} ms" for r, t in timings.items()),
+        chosen.name,
+    )
+    for candidate in timings:
+        if candidate is not chosen:
+            candidate.close()
+    return chosen

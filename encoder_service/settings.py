@@ -1,0 +1,83 @@
+"""The encoder's settings: every flag has a VPM_ENCODER_* environment equivalent."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from vpm_common.settings import check, setting
+
+ENV_PREFIX = "VPM_ENCODER_"
+
+
+@dataclass(frozen=True)
+class EncoderSettings:
+    host: str = setting("0.0.0.0", "interface to listen on")
+    port: int = setting(50051, "gRPC port (0 picks a free one)")
+    model: str = setting("ViT-B-32", "open_clip architecture (VPM-Tiny: a tiny one for tests)")
+    pretrained: str = setting(
+        "laion2b_s34b_b79k",
+        "open_clip pretrained tag, a local checkpoint path, or 'none' for seeded random weights",
+    )
+    seed: int = setting(0, "seed of the random weights when --pretrained none")
+    runtime: str = setting("auto", "inference runtime", choices=("auto", "torch", "onnx"))
+    device: str = setting(
+        "auto", "where the model runs: auto is cuda when present", choices=("auto", "cpu", "cuda")
+    )
+    dtype: str = setting(
+        "auto",
+        "inference precision: auto is float16 on cuda, float32 on cpu",
+        choices=("auto", "float32", "float16", "bfloat16"),
+    )
+    max_batch: int = setting(0, "largest inference batch (0: 8 on cpu, 256 on cuda)")
+    max_delay_ms: float = setting(5.0, "longest wait for a batch to fill before it runs")
+    workers: int = setting(0, "image decode threads (0: one per core, at most 8)")
+    threads: int = setting(0, "inference threads on the cpu (0: one per core)")
+    queue_size: int = setting(
+        0, "items in flight before new work gets RESOURCE_EXHAUSTED (0: 8 x max batch)"
+    )
+    max_image_bytes: int = setting(20 * 1024 * 1024, "largest image file accepted")
+    max_image_pixels: int = setting(
+        40_000_000, "largest image accepted, in pixels (decompression bombs)"
+    )
+    max_texts: int = setting(1024, "most texts in one EncodeText call")
+    max_text_bytes: int = setting(16 * 1024, "longest text accepted, in UTF-8 bytes")
+    cache_dir: Path = setting(Path.home() / ".cache" / "vpm", "where exported ONNX graphs are kept")
+    metrics_port: int = setting(9151, "Prometheus metrics port (0: off)")
+    grace_s: float = setting(10.0, "on SIGTERM, how long running calls may take to finish")
+    log_level: str = setting("INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    def __post_init__(self) -> None:
+        check(0 <= self.port <= 65535, "port", f"must be 0..65535, got {self.port}")
+        check(
+            0 <= self.metrics_port <= 65535,
+            "metrics_port",
+            f"must be 0..65535, got {self.metrics_port}",
+        )
+        check(0 <= self.max_batch <= 4096, "max_batch", f"must be 0..4096, got {self.max_batch}")
+        check(
+            0 <= self.max_delay_ms <= 10_000,
+            "max_delay_ms",
+            f"must be 0..10000, got {self.max_delay_ms}",
+        )
+        check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
+        check(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")
+        check(self.queue_size >= 0, "queue_size", f"must be >= 0, got {self.queue_size}")
+        check(self.max_image_bytes > 0, "max_image_bytes", "must be positive")
+        check(self.max_image_pixels > 0, "max_image_pixels", "must be positive")
+        check(self.max_texts > 0, "max_texts", "must be positive")
+        check(self.max_text_bytes > 0, "max_text_bytes", "must be positive")
+        check(self.grace_s >= 0, "grace_s", "must be >= 0")
+
+    def batch_size_for(self, device: str) -> int:
+        if self.max_batch:
+            return self.max_batch
+        return 256 if device.startswith("cuda") else 8
+
+    def worker_count(self) -> int:
+        return self.workers or min(8, os.cpu_count() or 1)
+
+    def max_message_bytes(self) -> int:
+        # Room for the image and the message around it.
+        return self.max_image_bytes + 64 * 1024
