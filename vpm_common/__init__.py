@@ -1,1 +1,1 @@
-"""Small pieces shared by the services and clients: settings, logging, gRPC plumbing (no torch, no faiss)."""
+"""Small pieces shared by services and clients: settings, logging, gRPC plumbing; no torch."""
