@@ -1,0 +1,36 @@
+"""`python -m bench [name ...]`: run the benchmarks (all by default) and print their tables."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+import time
+
+# name -> module with a run() that prints its tables and returns its figures
+BENCHES = {
+    "encoder": "bench.encoder_bench",
+    "search": "bench.search_bench",
+}
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    names = argv or list(BENCHES)
+    unknown = [name for name in names if name not in BENCHES]
+    if unknown:
+        print(
+            f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHES)}",
+            file=sys.stderr,
+        )
+        return 2
+    for name in names:
+        started = time.perf_counter()
+        print(f"\n=== {name} ===", flush=True)
+        importlib.import_module(BENCHES[name]).run()
+        print(f"({name}: {time.perf_counter() - started:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
