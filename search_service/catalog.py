@@ -1,0 +1,422 @@
+"""The product catalog, the source of truth: SQLAlchemy Core over SQLite or PostgreSQL, same SQL.
+
+Writes happen in batches, one transaction each, with executemany. Each write
+transaction first bumps the catalog version in `catalog_state`: that row lock
+makes writers commit in version order, and every changed row records the
+version, so an index can catch up with `changes_since(version)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import sqlalchemy as sa
+
+from search_service.migrate import upgrade_to_head
+from search_service.models import METADATA_FIELDS, Product
+from search_service.schema import catalog_state, deletions, products
+from search_service.vectors import check_model, from_bytes, to_bytes
+from vpm_common.errors import FailedPrecondition, Unavailable
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# Columns compared to tell an update from an unchanged re-send (besides the vector).
+CONTENT_COLUMNS = (*METADATA_FIELDS, "attributes", "image_sha256", "model_id")
+# Rows per IN (...) lookup and per page of a scan: well under every driver's limits.
+LOOKUP_CHUNK = 500
+PAGE_SIZE = 5000
+
+
+# (key, product, vector or None): one product as the catalog stores it.
+Stored = tuple[int, Product, "np.ndarray | None"]
+
+
+@dataclass(frozen=True)
+class CatalogState:
+    catalog_id: str
+    version: int
+    model_id: str | None
+    dim: int | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one upserted product became: "inserted", "updated", "unchanged" or "failed"."""
+
+    kind: str
+    key: int = -1
+    vector_changed: bool = False
+    error: FailedPrecondition | None = None
+
+
+@dataclass
+class UpsertWrite:
+    version: int
+    outcomes: list[Outcome]
+    model_id: str | None
+    dim: int | None
+
+
+@dataclass
+class DeleteWrite:
+    version: int
+    deleted: list[tuple[int, str]] = field(default_factory=list)
+    not_found: list[str] = field(default_factory=list)
+
+
+def create_catalog_engine(url: str, sqlite_synchronous: str = "FULL") -> sa.Engine:
+    """An engine for `url`; SQLite gets WAL, real transactions and its parent folder created."""
+    parsed = sa.make_url(url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")  # the driver installed here
+    if parsed.get_backend_name() != "sqlite":
+        return sa.create_engine(parsed, pool_pre_ping=True)
+    if parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(parsed, connect_args={"timeout": 60})
+
+    @sa.event.listens_for(engine, "connect")
+    def _configure(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's BEGIN (below) delimit transactions, not the sqlite3 module.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        # Large pages suit 2 KB vector rows (fewer page splits); only a new file takes it.
+        cursor.execute("PRAGMA page_size = 32768")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        # FULL: a commit is on disk before the upsert is acknowledged (power loss too).
+        cursor.execute(f"PRAGMA synchronous = {sqlite_synchronous}")
+        cursor.execute("PRAGMA cache_size = -65536")
+        cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(conn: sa.Connection) -> None:
+        conn.exec_driver_sql("BEGIN")
+
+    return engine
+
+
+def display_url(url: sa.URL) -> str:
+    return url.render_as_string(hide_password=True)
+
+
+def _guarded(method: Callable[..., T]) -> Callable[..., T]:
+    """Database failures become Unavailable without SQL or paths; details go to the log."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return method(*args, **kwargs)
+        except sa.exc.SQLAlchemyError as err:
+            logger.error("catalog %s failed: %s", method.__name__, err)
+            raise Unavailable("the catalog database is unavailable; retry later") from None
+
+    return wrapper
+
+
+class Catalog:
+    """Products, their vectors and the change log, in any SQLAlchemy database."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def open(cls, url: str, sqlite_synchronous: str = "FULL") -> Catalog:
+        """Connect and migrate the schema to the newest revision."""
+        engine = create_catalog_engine(url, sqlite_synchronous)
+        try:
+            upgrade_to_head(engine)
+        except sa.exc.SQLAlchemyError as err:
+            engine.dispose()
+            raise Unavailable(f"cannot open the catalog {display_url(engine.url)}: {err}") from None
+        return cls(engine)
+
+    @property
+    def url(self) -> str:
+        """The URL with any password masked."""
+        return display_url(self.engine.url)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- reads ---------------------------------------------------------------------------
+
+    @_guarded
+    def state(self) -> CatalogState:
+        with self.engine.connect() as conn:
+            return _state(conn)
+
+    @_guarded
+    def count(self) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(products)).scalar_one()
+
+    @_guarded
+    def get(self, product_id: str, include_vector: bool = False) -> Stored | None:
+        """(key, product, vector or None) of one product, or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                _select(include_vector).where(products.c.product_id == product_id)
+            ).first()
+        return None if row is None else _stored(row, include_vector)
+
+    @_guarded
+    def vectors_of(self, keys: Sequence[int]) -> dict[int, np.ndarray]:
+        found = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(keys), LOOKUP_CHUNK):
+                chunk = [int(key) for key in keys[start : start + LOOKUP_CHUNK]]
+                query = sa.select(products.c.row_key, products.c.vector).where(
+                    products.c.row_key.in_(chunk)
+                )
+                for row in conn.execute(query):
+                    found[row.row_key] = from_bytes(row.vector)
+        return found
+
+    def products(
+        self, include_vectors: bool = False, since_version: int | None = None
+    ) -> Iterator[Stored]:
+        """Every product (changed after `since_version`, when given) in key order, paged.
+
+        Pages are separate reads: a product changed during the scan may come out
+        in its newer state, which catching up from the version read first repairs.
+        """
+        last = -1
+        while True:
+            query = _select(include_vectors).where(products.c.row_key > last)
+            if since_version is not None:
+                query = query.where(products.c.version > since_version)
+            page = self._page(query.order_by(products.c.row_key).limit(PAGE_SIZE))
+            for row in page:
+                yield _stored(row, include_vectors)
+            if len(page) < PAGE_SIZE:
+                return
+            last = page[-1].row_key
+
+    def vector_pages(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(keys, vectors) pages of the whole catalog, in key order."""
+        last = -1
+        while True:
+            query = (
+                sa.select(products.c.row_key, products.c.vector)
+                .where(products.c.row_key > last)
+                .order_by(products.c.row_key)
+                .limit(PAGE_SIZE)
+            )
+            page = self._page(query)
+            if page:
+                keys = np.fromiter((row.row_key for row in page), np.int64, len(page))
+                blob = b"".join(row.vector for row in page)
+                yield keys, np.frombuffer(blob, dtype="<f4").reshape(len(page), -1)
+            if len(page) < PAGE_SIZE:
+                return
+            last = page[-1].row_key
+
+    @_guarded
+    def deleted_since(self, version: int) -> np.ndarray:
+        """Keys of the products deleted after `version`."""
+        with self.engine.connect() as conn:
+            keys = conn.execute(
+                sa.select(deletions.c.row_key).where(deletions.c.version > version)
+            ).scalars()
+            return np.fromiter(keys, dtype=np.int64)
+
+    @_guarded
+    def _page(self, query: sa.Select) -> list[sa.Row]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(query))
+
+    # -- writes --------------------------------------------------------------------------
+
+    @_guarded
+    def upsert(self, items: Sequence[tuple[Product, np.ndarray]]) -> UpsertWrite:
+        """Insert or replace (product, unit vector) pairs, distinct ids, in one transaction.
+
+        A product whose model or dimension differs from the catalog's fails alone
+        (FAILED_PRECONDITION); an empty catalog takes the model of its first product.
+        """
+        ids = [product.id for product, _vector in items]
+        if len(set(ids)) != len(ids):
+            raise ValueError("one upsert call takes each product id once")
+        with self.engine.connect() as conn, conn.begin() as transaction:
+            state = _bump_version(conn)
+            model, dim = state.model_id, state.dim
+            if items:
+                first, vector = items[0]
+                differs = (model, dim) != (first.model_id, vector.size)
+                if differs and (model is None or _is_empty(conn)):
+                    model, dim = first.model_id, int(vector.size)
+            existing = _rows_by_id(conn, ids)
+            inserts: list[tuple] = []
+            updates: list[tuple] = []
+            outcomes = []
+            next_key = _next_key(conn)
+            for product, vector in items:
+                try:
+                    check_model(product.model_id, int(vector.size), model, dim)
+                except FailedPrecondition as err:
+                    outcomes.append(Outcome("failed", error=err))
+                    continue
+                row = _row(product, vector, state.version)
+                old = existing.get(product.id)
+                if old is None:
+                    inserts.append((next_key, *row))
+                    outcomes.append(Outcome("inserted", next_key, vector_changed=True))
+                    next_key += 1
+                    continue
+                same_vector = old.vector == row[_VECTOR]
+                if same_vector and tuple(old)[_OLD_CONTENT] == row[_CONTENT]:
+                    outcomes.append(Outcome("unchanged", old.row_key))
+                    continue
+                updates.append((*row, old.row_key))
+                outcomes.append(Outcome("updated", old.row_key, vector_changed=not same_vector))
+            if not inserts and not updates:
+                transaction.rollback()  # nothing changed: the version stays where it was
+                return UpsertWrite(state.version - 1, outcomes, state.model_id, state.dim)
+            if inserts:
+                _executemany(conn, products.insert(), ["row_key", *ROW_COLUMNS], inserts)
+            if updates:
+                where = products.c.row_key == sa.bindparam("b_key")
+                statement = products.update().where(where)
+                _executemany(conn, statement, [*ROW_COLUMNS, "b_key"], updates)
+            conn.execute(
+                catalog_state.update()
+                .where(catalog_state.c.id == 1)
+                .values(next_key=next_key, model_id=model, dim=dim)
+            )
+        return UpsertWrite(state.version, outcomes, model, dim)
+
+    @_guarded
+    def delete(self, product_ids: Sequence[str]) -> DeleteWrite:
+        """Remove products by id in one transaction, logging each for catching up."""
+        wanted = list(dict.fromkeys(product_ids))
+        with self.engine.connect() as conn, conn.begin() as transaction:
+            state = _bump_version(conn)
+            found = {}
+            for start in range(0, len(wanted), LOOKUP_CHUNK):
+                chunk = wanted[start : start + LOOKUP_CHUNK]
+                query = sa.select(products.c.row_key, products.c.product_id).where(
+                    products.c.product_id.in_(chunk)
+                )
+                found.update({row.product_id: row.row_key for row in conn.execute(query)})
+            result = DeleteWrite(state.version, not_found=[i for i in wanted if i not in found])
+            if not found:
+                transaction.rollback()
+                result.version = state.version - 1
+                return result
+            keys = list(found.values())
+            for start in range(0, len(keys), LOOKUP_CHUNK):
+                chunk = keys[start : start + LOOKUP_CHUNK]
+                conn.execute(products.delete().where(products.c.row_key.in_(chunk)))
+            logged = [(key, pid, state.version) for pid, key in found.items()]
+            _executemany(conn, deletions.insert(), ["row_key", "product_id", "version"], logged)
+            result.deleted = [(key, pid) for pid, key in found.items()]
+        return result
+
+
+def _state(conn: sa.Connection) -> CatalogState:
+    row = conn.execute(sa.select(catalog_state).where(catalog_state.c.id == 1)).one()
+    return CatalogState(row.catalog_id, row.version, row.model_id, row.dim)
+
+
+def _bump_version(conn: sa.Connection) -> CatalogState:
+    """Take the catalog's write lock (the state row) and the version this write will carry."""
+    conn.execute(
+        catalog_state.update()
+        .where(catalog_state.c.id == 1)
+        .values(version=catalog_state.c.version + 1)
+    )
+    return _state(conn)
+
+
+def _next_key(conn: sa.Connection) -> int:
+    return conn.execute(
+        sa.select(catalog_state.c.next_key).where(catalog_state.c.id == 1)
+    ).scalar_one()
+
+
+def _is_empty(conn: sa.Connection) -> bool:
+    return conn.execute(sa.select(products.c.row_key).limit(1)).first() is None
+
+
+def _rows_by_id(conn: sa.Connection, ids: Sequence[str]) -> dict[str, sa.Row]:
+    found = {}
+    for start in range(0, len(ids), LOOKUP_CHUNK):
+        chunk = ids[start : start + LOOKUP_CHUNK]
+        query = sa.select(products).where(products.c.product_id.in_(chunk))
+        found.update({row.product_id: row for row in conn.execute(query)})
+    return found
+
+
+def _select(include_vector: bool) -> sa.Select:
+    columns = [c for c in products.c if include_vector or c.name != "vector"]
+    return sa.select(*columns)
+
+
+def _executemany(
+    conn: sa.Connection, statement: sa.Executable, names: list[str], rows: list[tuple]
+) -> None:
+    """Run `statement` once per row (values in `names` order) through the driver's executemany.
+
+    SQLAlchemy compiles the statement for the dialect, so the SQL stays portable;
+    the rows then go to the driver as they are, skipping SQLAlchemy's per-row
+    parameter processing, which cost more than SQLite's own insert (measured
+    ~25 us a row). Values must already be driver types: str, int, bytes.
+    """
+    compiled = statement.compile(dialect=conn.dialect, column_keys=names)
+    if not compiled.positional:
+        conn.exec_driver_sql(compiled.string, [dict(zip(names, row, strict=True)) for row in rows])
+        return
+    order = list(compiled.positiontup)
+    if order != names:
+        picks = [names.index(name) for name in order]
+        rows = [tuple(row[i] for i in picks) for row in rows]
+    conn.exec_driver_sql(compiled.string, rows)
+
+
+# A product row's values, in table order after row_key (see _row).
+ROW_COLUMNS = [column.name for column in products.c if column.name != "row_key"]
+_CONTENT = slice(1, 1 + len(CONTENT_COLUMNS))  # name ... model_id, within a _row tuple
+_OLD_CONTENT = slice(2, 2 + len(CONTENT_COLUMNS))  # the same within a selected products row
+_VECTOR = ROW_COLUMNS.index("vector")
+assert ROW_COLUMNS[_CONTENT] == list(CONTENT_COLUMNS), "products columns moved: update _row"
+
+
+def _row(product: Product, vector: np.ndarray, version: int) -> tuple:
+    attributes = product.attributes
+    return (
+        product.id,
+        product.name,
+        product.gender,
+        product.master_category,
+        product.sub_category,
+        product.article_type,
+        product.base_colour,
+        product.season,
+        product.year,
+        product.usage,
+        product.category,
+        json.dumps(dict(sorted(attributes.items()))) if attributes else "{}",
+        product.image_sha256,
+        product.model_id,
+        to_bytes(vector),
+        version,
+    )
+
+
+def _stored(row: sa.Row, include_vector: bool) -> Stored:
+    product = Product(
+        id=row.product_id,
+        **{name: getattr(row, name) for name in METADATA_FIELDS},
+        attributes=json.loads(row.attributes),
+        image_sha256=row.image_sha256,
+        model_id=row.model_id,
+    )
+    return row.row_key, product, from_bytes(row.vector) if include_vector else None

@@ -1,0 +1,120 @@
+"""Protobuf messages to domain objects and back: the only place both kinds meet."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator
+
+import numpy as np
+
+from search_service.models import (
+    METADATA_FIELDS,
+    DeleteSummary,
+    Product,
+    SearchQuery,
+    SearchResult,
+    Stats,
+    UpsertItem,
+    UpsertSummary,
+)
+from vpm.v1 import search_pb2
+
+
+def search_query(request: search_pb2.SearchRequest) -> SearchQuery:
+    kind = request.WhichOneof("query")
+    return SearchQuery(
+        image=request.image if kind == "image" else None,
+        text=request.text if kind == "text" else None,
+        product_id=request.product_id if kind == "product_id" else None,
+        vector=np.asarray(request.vector.values, dtype=np.float32) if kind == "vector" else None,
+        top_k=request.top_k,
+        offset=request.offset,
+        min_score=request.min_score if request.HasField("min_score") else None,
+        filters=dict(request.filters),
+    )
+
+
+def search_response(result: SearchResult) -> search_pb2.SearchResponse:
+    return search_pb2.SearchResponse(
+        matches=[
+            search_pb2.Match(product=product_message(m.product), score=m.score)
+            for m in result.matches
+        ],
+        model_id=result.model_id,
+    )
+
+
+def product(message: search_pb2.Product) -> Product:
+    return Product(
+        id=message.id,
+        **{name: getattr(message, name) for name in METADATA_FIELDS},
+        attributes=dict(message.attributes),
+        image_sha256=message.image_sha256,
+        model_id=message.model_id,
+    )
+
+
+async def upsert_items(messages: AsyncIterable[search_pb2.Product]) -> AsyncIterator[UpsertItem]:
+    async for message in messages:
+        vector = np.asarray(message.vector, dtype=np.float32) if len(message.vector) else None
+        # proto3 bytes have no presence: empty means "no image".
+        yield UpsertItem(product(message), vector=vector, image=message.image or None)
+
+
+def product_message(item: Product, vector: np.ndarray | None = None) -> search_pb2.Product:
+    message = search_pb2.Product(
+        id=item.id,
+        name=item.name,
+        gender=item.gender,
+        master_category=item.master_category,
+        sub_category=item.sub_category,
+        article_type=item.article_type,
+        base_colour=item.base_colour,
+        season=item.season,
+        year=item.year,
+        usage=item.usage,
+        category=item.category,
+        attributes=item.attributes,
+        image_sha256=item.image_sha256,
+        model_id=item.model_id,
+    )
+    if vector is not None:
+        message.vector.extend(vector.tolist())
+    return message
+
+
+def upsert_summary(summary: UpsertSummary) -> search_pb2.UpsertSummary:
+    return search_pb2.UpsertSummary(
+        inserted=summary.inserted,
+        updated=summary.updated,
+        unchanged=summary.unchanged,
+        failed=summary.failed,
+        failures=[
+            search_pb2.ItemFailure(id=f.id, code=f.code, message=f.message)
+            for f in summary.failures
+        ],
+        catalog_version=summary.catalog_version,
+    )
+
+
+def delete_response(summary: DeleteSummary) -> search_pb2.DeleteProductsResponse:
+    return search_pb2.DeleteProductsResponse(
+        deleted=summary.deleted,
+        not_found=summary.not_found,
+        catalog_version=summary.catalog_version,
+    )
+
+
+def stats_message(stats: Stats) -> search_pb2.Stats:
+    return search_pb2.Stats(
+        products=stats.products,
+        index_type=stats.index_type,
+        index_size=stats.index_size,
+        catalog_url=stats.catalog_url,
+        catalog_version=stats.catalog_version,
+        model_id=stats.model_id,
+        dim=stats.dim,
+        encoders=[
+            search_pb2.EncoderStatus(target=e.target, state=e.state, model_id=e.model_id)
+            for e in stats.encoders
+        ],
+    )

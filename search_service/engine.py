@@ -1,0 +1,465 @@
+"""The search domain: SearchEngine checks requests, calls the encoders, writes, and searches.
+
+No gRPC here. Writes go to the catalog first (one transaction per batch) and
+then to the in-memory mirror, one batch at a time, in catalog version order.
+Searches read the mirror under its read lock in worker threads (FAISS releases
+the GIL), so they run alongside each other and alongside catalog writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import logging
+import re
+import threading
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from search_service.catalog import Catalog
+from search_service.embedder import QueryEmbedder
+from search_service.filters import Term, parse_filters
+from search_service.index import FLAT
+from search_service.mirror import CatalogMirror, Change
+from search_service.models import (
+    DEFAULT_TOP_K,
+    MAX_ID_LENGTH,
+    MAX_RESULT_WINDOW,
+    MAX_TOP_K,
+    DeleteSummary,
+    ItemFailure,
+    Match,
+    Product,
+    SearchQuery,
+    SearchResult,
+    Stats,
+    UpsertItem,
+    UpsertSummary,
+)
+from search_service.vectors import unit_vector, unit_vectors
+from vpm_common.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+    VpmError,
+)
+
+logger = logging.getLogger(__name__)
+
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+QUERY_KINDS = ("image", "text", "product_id", "vector")
+
+
+class SearchEngine:
+    """Search, upsert, delete, get, list and stats over one catalog and its mirror."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        data_dir: Path,
+        *,
+        index_factory: str = FLAT,
+        index_params: str = "",
+        embedder: QueryEmbedder | None = None,
+        batch_size: int = 5000,
+        search_threads: int = 8,
+    ) -> None:
+        self.catalog = catalog
+        self.embedder = embedder or QueryEmbedder(None)
+        self.batch_size = batch_size
+        self.index_factory = index_factory
+        self.mirror = CatalogMirror(catalog, data_dir, index_factory, index_params)
+        self._writer = threading.Lock()  # one catalog write and its application at a time
+        self._executor = ThreadPoolExecutor(search_threads, thread_name_prefix="search")
+        self.loaded = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Load products and index (snapshot plus changes since, or a rebuild)."""
+        started = time.monotonic()
+        with self._writer:
+            self.mirror.load()
+        self.loaded = True
+        mirror = self.mirror
+        logger.info(
+            "loaded %d products at catalog version %d (model %s), %s index of %d vectors, in %.1fs",
+            len(mirror.records),
+            mirror.version,
+            mirror.model_id or "-",
+            self.index_factory,
+            len(mirror.index) if mirror.index is not None else 0,
+            time.monotonic() - started,
+        )
+
+    def save_snapshot(self) -> bool:
+        """Write the index snapshot if it changed since the last one."""
+        return self.mirror.save_snapshot()
+
+    def catch_up(self) -> None:
+        """Apply catalog changes made by other processes since the version held."""
+        with self._writer:
+            self.mirror.catch_up()
+
+    def close(self) -> None:
+        """Flush the index to a snapshot, then close the catalog."""
+        try:
+            self.save_snapshot()
+        finally:
+            self._executor.shutdown(wait=True)
+            self.catalog.close()
+
+    # -- queries -------------------------------------------------------------------------
+
+    async def search(self, query: SearchQuery) -> SearchResult:
+        """Validate, encode an image or text query when given one, and search in a worker thread."""
+        self._require_loaded()
+        kinds = [kind for kind in QUERY_KINDS if getattr(query, kind) is not None]
+        if len(kinds) != 1:
+            raise InvalidArgument("query: set exactly one of image, text, product_id and vector")
+        top_k, terms = _check_options(query)
+        vector = query.vector
+        if query.image is not None:
+            vector = await self._embed(query.image, "image")
+        elif query.text is not None:
+            vector = await self._embed(query.text, "text")
+        elif query.product_id is not None and not query.product_id:
+            raise InvalidArgument("product_id: must not be empty")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor,
+            lambda: self.search_vector(
+                vector,
+                product_id=query.product_id,
+                top_k=top_k,
+                offset=query.offset,
+                min_score=query.min_score,
+                terms=terms,
+            ),
+        )
+
+    def search_vector(
+        self,
+        vector: np.ndarray | Sequence[float] | None = None,
+        *,
+        product_id: str | None = None,
+        top_k: int = DEFAULT_TOP_K,
+        offset: int = 0,
+        min_score: float | None = None,
+        terms: Sequence[Term] = (),
+    ) -> SearchResult:
+        """Best matches (exact for Flat) to `vector`, or to the stored vector of `product_id`."""
+        mirror = self.mirror
+        with mirror.lock.read():
+            exclude = None
+            if product_id is not None:
+                exclude = mirror.keys.get(product_id)
+                if exclude is None:
+                    raise NotFound(f"product_id: no product {product_id!r} in the catalog")
+                vector = mirror.stored_vector(exclude)
+            else:
+                vector = unit_vector(vector, "vector", mirror.dim)
+            index = mirror.index
+            if index is None:
+                return SearchResult([], "")
+            if not index.is_trained:
+                raise mirror.not_trained()
+            allowed = mirror.filters.matching(list(terms)) if terms else None
+            extra = 0 if exclude is None else 1
+            keys, scores = index.search(vector, offset + top_k + extra, allowed)
+            if exclude is not None:
+                keep = keys != exclude
+                keys, scores = keys[keep], scores[keep]
+            keys, scores = keys[offset : offset + top_k], scores[offset : offset + top_k]
+            if min_score is not None:
+                keep = scores >= min_score
+                keys, scores = keys[keep], scores[keep]
+            records = mirror.records
+            matches = [
+                Match(records[key], score)
+                for key, score in zip(keys.tolist(), scores.tolist(), strict=True)
+            ]
+            return SearchResult(matches, mirror.model_id or "")
+
+    def get(
+        self, product_id: str, include_vector: bool = False
+    ) -> tuple[Product, np.ndarray | None]:
+        """A product and, when asked, its stored vector; NotFound when absent."""
+        self._require_loaded()
+        if not product_id:
+            raise InvalidArgument("id: must not be empty")
+        if include_vector:
+            found = self.catalog.get(product_id, include_vector=True)
+            if found is None:
+                raise NotFound(f"id: no product {product_id!r} in the catalog")
+            return found[1], found[2]
+        with self.mirror.lock.read():
+            key = self.mirror.keys.get(product_id)
+            if key is None:
+                raise NotFound(f"id: no product {product_id!r} in the catalog")
+            return self.mirror.records[key], None
+
+    async def list_products(
+        self, include_vectors: bool = False
+    ) -> AsyncIterator[tuple[Product, np.ndarray | None]]:
+        """Every catalog product (and vector, when asked), read page by page in a worker thread."""
+        self._require_loaded()
+        pages = _pages(self.catalog.products(include_vectors), 1000)
+        while True:
+            page = await asyncio.to_thread(next, pages, None)
+            if page is None:
+                return
+            for _key, product, vector in page:
+                yield product, vector
+
+    async def stats(self) -> Stats:
+        encoders = await self.embedder.states()
+        mirror = self.mirror
+        with mirror.lock.read():
+            has_products = bool(mirror.records)
+            return Stats(
+                products=len(mirror.records),
+                index_type=self.index_factory,
+                index_size=len(mirror.index) if mirror.index is not None else 0,
+                catalog_url=self.catalog.url,
+                catalog_version=mirror.version,
+                model_id=(mirror.model_id or "") if has_products else "",
+                dim=(mirror.dim or 0) if has_products else 0,
+                encoders=encoders,
+            )
+
+    # -- writes --------------------------------------------------------------------------
+
+    async def upsert(self, items: AsyncIterable[UpsertItem]) -> UpsertSummary:
+        """Apply a stream of products in batches; the summary comes once all are committed.
+
+        An id sent twice is applied in order (the batch is cut before the repeat),
+        so the last one wins and every occurrence is counted.
+        """
+        self._require_loaded()
+        summary = UpsertSummary(catalog_version=self.mirror.version)
+        batch: list[UpsertItem] = []
+        ids: set[str] = set()
+        async for item in items:
+            if item.product.id in ids or len(batch) >= self.batch_size:
+                summary.add(await self._upsert_batch(batch))
+                batch, ids = [], set()
+            batch.append(item)
+            ids.add(item.product.id)
+        if batch:
+            summary.add(await self._upsert_batch(batch))
+        summary.catalog_version = max(summary.catalog_version, self.mirror.version)
+        return summary
+
+    def upsert_products(self, items: Iterable[tuple[Product, np.ndarray]]) -> UpsertSummary:
+        """Synchronous bulk upsert of (product, vector) pairs whose products carry model ids."""
+        self._require_loaded()
+        summary = UpsertSummary(catalog_version=self.mirror.version)
+        batch: list[UpsertItem] = []
+        ids: set[str] = set()
+        for product, vector in items:
+            if product.id in ids or len(batch) >= self.batch_size:
+                summary.add(self._write_batch(_pairs(_checked(batch, summary))))
+                batch, ids = [], set()
+            batch.append(UpsertItem(product, vector))
+            ids.add(product.id)
+        summary.add(self._write_batch(_pairs(_checked(batch, summary))))
+        return summary
+
+    def delete(self, product_ids: Sequence[str]) -> DeleteSummary:
+        self._require_loaded()
+        with self._writer:
+            write = self.catalog.delete(product_ids)
+            if write.deleted:
+                keys = np.array([key for key, _ in write.deleted], dtype=np.int64)
+                self.mirror.remove(write.version, keys)
+            version = max(write.version, self.mirror.version)
+        return DeleteSummary(len(write.deleted), write.not_found, version)
+
+    async def _upsert_batch(self, batch: list[UpsertItem]) -> UpsertSummary:
+        summary = UpsertSummary()
+        ready: list[tuple[Product, np.ndarray]] = []
+        images: list[tuple[Product, bytes]] = []
+        for item in _checked(batch, summary):
+            if item.image is None:
+                ready.append((item.product, item.vector))
+            elif self._unchanged_image(item.product):
+                summary.unchanged += 1
+            else:
+                images.append((item.product, item.image))
+        if any(not product.model_id for product, _ in ready):
+            ready = await self._with_encoder_model(ready, summary)
+        if images:
+            ready.extend(await self._encode(images, summary))
+        if ready:
+            summary.add(await asyncio.to_thread(self._write_batch, ready))
+        return summary
+
+    def _write_batch(self, items: list[tuple[Product, np.ndarray]]) -> UpsertSummary:
+        """Commit checked (product, unit vector) pairs with distinct ids; then apply them."""
+        summary = UpsertSummary(catalog_version=self.mirror.version)
+        if not items:
+            return summary
+        with self._writer:
+            write = self.catalog.upsert(items)
+            changes: list[Change] = []
+            for (product, vector), outcome in zip(items, write.outcomes, strict=True):
+                if outcome.kind == "failed":
+                    error = outcome.error
+                    summary.failures.append(ItemFailure(product.id, error.code, error.message))
+                    continue
+                setattr(summary, outcome.kind, getattr(summary, outcome.kind) + 1)
+                if outcome.kind != "unchanged":
+                    changes.append(
+                        (outcome.key, product, vector if outcome.vector_changed else None)
+                    )
+            if changes:
+                self.mirror.apply(write.version, changes, write.model_id, write.dim)
+            summary.catalog_version = max(write.version, self.mirror.version)
+        return summary
+
+    def _require_loaded(self) -> None:
+        if not self.loaded:
+            raise Unavailable("the search service is still loading its catalog and index")
+
+    # -- encoding ------------------------------------------------------------------------
+
+    async def _embed(self, data: bytes | str, field: str) -> np.ndarray:
+        if not data or (isinstance(data, str) and not data.strip()):
+            raise InvalidArgument(f"{field}: must not be empty")
+        if isinstance(data, bytes):
+            embedding = await self.embedder.embed_image(data, field)
+        else:
+            embedding = await self.embedder.embed_text(data, field)
+        model_id = self.mirror.model_id if self.mirror.records else None
+        if model_id is not None and embedding.model_id != model_id:
+            raise FailedPrecondition(
+                f"{field}: the encoders run model {embedding.model_id!r}, but the catalog "
+                f"holds vectors of model {model_id!r}"
+            )
+        return embedding.vector
+
+    def _unchanged_image(self, product: Product) -> bool:
+        """Same image, metadata and model as stored: nothing to encode or write."""
+        mirror = self.mirror
+        with mirror.lock.read():
+            key = mirror.keys.get(product.id)
+            stored = mirror.records.get(key) if key is not None else None
+        return (
+            stored is not None and dataclasses.replace(product, model_id=stored.model_id) == stored
+        )
+
+    async def _with_encoder_model(
+        self, items: list[tuple[Product, np.ndarray]], summary: UpsertSummary
+    ) -> list[tuple[Product, np.ndarray]]:
+        """Products sent without a model id take the encoders' model, as the contract says."""
+        try:
+            model_id, failure = await self.embedder.model_id("model_id"), None
+        except VpmError as err:
+            model_id, failure = None, err
+        kept = []
+        for product, vector in items:
+            if product.model_id:
+                kept.append((product, vector))
+            elif failure is not None:
+                summary.failures.append(ItemFailure(product.id, failure.code, failure.message))
+            else:
+                kept.append((dataclasses.replace(product, model_id=model_id), vector))
+        return kept
+
+    async def _encode(
+        self, images: list[tuple[Product, bytes]], summary: UpsertSummary
+    ) -> list[tuple[Product, np.ndarray]]:
+        try:
+            outcomes = await self.embedder.embed_images([(p.id, data) for p, data in images])
+        except VpmError as err:
+            outcomes = [err] * len(images)
+        encoded = []
+        for (product, _data), outcome in zip(images, outcomes, strict=True):
+            if isinstance(outcome, VpmError):
+                summary.failures.append(ItemFailure(product.id, outcome.code, outcome.message))
+            else:
+                encoded.append(
+                    (dataclasses.replace(product, model_id=outcome.model_id), outcome.vector)
+                )
+        return encoded
+
+
+def _check_options(query: SearchQuery) -> tuple[int, list[Term]]:
+    top_k = query.top_k or DEFAULT_TOP_K
+    if not 1 <= top_k <= MAX_TOP_K:
+        raise InvalidArgument(
+            f"top_k: must be between 1 and {MAX_TOP_K} (0 means {DEFAULT_TOP_K}), got {top_k}"
+        )
+    if query.offset < 0:
+        raise InvalidArgument(f"offset: must not be negative, got {query.offset}")
+    if query.offset + top_k > MAX_RESULT_WINDOW:
+        raise InvalidArgument(
+            f"offset: offset + top_k must be at most {MAX_RESULT_WINDOW}, "
+            f"got {query.offset + top_k}"
+        )
+    if query.min_score is not None and not np.isfinite(query.min_score):
+        raise InvalidArgument(f"min_score: must be a finite number, got {query.min_score}")
+    return top_k, parse_filters(query.filters)
+
+
+def _checked(items: list[UpsertItem], summary: UpsertSummary) -> list[UpsertItem]:
+    """Items that pass the checks, vectors normalized and image hashes set; failures recorded."""
+    kept: list[UpsertItem] = []
+    with_vectors: list[int] = []
+    for item in items:
+        try:
+            item = _check_item(item)
+        except InvalidArgument as err:
+            summary.failures.append(ItemFailure(item.product.id, err.code, err.message))
+            continue
+        if item.vector is not None:
+            with_vectors.append(len(kept))
+        kept.append(item)
+    vectors = unit_vectors([kept[i].vector for i in with_vectors], "vector")
+    failed = set()
+    for i, vector in zip(with_vectors, vectors, strict=True):
+        if isinstance(vector, InvalidArgument):
+            summary.failures.append(ItemFailure(kept[i].product.id, vector.code, vector.message))
+            failed.add(i)
+        else:
+            kept[i] = UpsertItem(kept[i].product, vector)
+    return [item for i, item in enumerate(kept) if i not in failed]
+
+
+def _check_item(item: UpsertItem) -> UpsertItem:
+    product = item.product
+    if not 1 <= len(product.id) <= MAX_ID_LENGTH:
+        raise InvalidArgument(f"id: must be 1 to {MAX_ID_LENGTH} characters, got {len(product.id)}")
+    has_vector = item.vector is not None and len(item.vector) > 0
+    if has_vector == (item.image is not None):
+        raise InvalidArgument("vector, image: set exactly one of them")
+    if item.image is None:
+        if product.image_sha256 and not SHA256_HEX.fullmatch(product.image_sha256):
+            raise InvalidArgument("image_sha256: must be 64 lower-case hex digits")
+        return item
+    if not item.image:
+        raise InvalidArgument("image: must not be empty")
+    digest = hashlib.sha256(item.image).hexdigest()
+    return UpsertItem(dataclasses.replace(product, image_sha256=digest), image=item.image)
+
+
+def _pairs(items: list[UpsertItem]) -> list[tuple[Product, np.ndarray]]:
+    return [(item.product, item.vector) for item in items]
+
+
+def _pages(items: Iterable, size: int) -> Iterable[list]:
+    page = []
+    for item in items:
+        page.append(item)
+        if len(page) >= size:
+            yield page
+            page = []
+    if page:
+        yield page

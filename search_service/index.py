@@ -1,0 +1,422 @@
+"""The FAISS vector index: catalog keys as ids, inner product, exact filtered search, snapshots.
+
+"Flat" (the default) is exact: an IndexIDMap2 over an IndexFlatIP holds every
+vector, and a float16 copy of it answers the first pass of a search. A single
+query is bound by memory bandwidth, so scanning half the bytes halves its
+latency; the candidates are then rescored from the float32 vectors, and the
+candidate list is widened until the float16 error bound proves that no
+vector left out could enter the top k. Results are therefore the exact
+float32 top k, not an approximation.
+
+Any other FAISS factory string (HNSW32, "IVF4096,PQ64", ...) is approximate.
+Such indexes cannot remove vectors in place, so each vector gets a label (its
+position) and a removed vector becomes a tombstone that searches skip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from vpm_common.errors import FailedPrecondition
+
+logger = logging.getLogger(__name__)
+
+FLAT = "Flat"
+# |float16 score - float32 score| for unit vectors: float16 rounding is at most 2**-11
+# relative per component, so by Cauchy-Schwarz the score moves by at most 4.9e-4;
+# float32 summation adds ~3e-5. Twice that margin keeps the proof safe.
+FP16_SCORE_ERROR = 1e-3
+# Filters that leave at most this many products are scored directly, without a scan.
+DIRECT_LIMIT = 2048
+SNAPSHOT_FORMAT = 1
+# Search-time defaults for approximate indexes; `params` overrides them.
+DEFAULT_PARAMS = {"HNSW": "efSearch=128", "IVF": "nprobe=32"}
+
+
+class IndexNotReady(FailedPrecondition):
+    """An index that needs training has not seen enough vectors yet."""
+
+
+class SnapshotError(Exception):
+    """A snapshot file that cannot be trusted: missing, truncated, corrupt or foreign."""
+
+
+def check_index_settings(factory: str, params: str, dim: int) -> None:
+    """ValueError with FAISS's reason when `factory` or `params` cannot make an index of `dim`."""
+    try:
+        VectorIndex(dim, factory, params)
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()[-1]
+        reason = re.sub(r"^Error in .*? at \S+:\d+: ", "", reason)  # FAISS's C++ location
+        raise ValueError(
+            f"{factory!r} with params {params!r} makes no FAISS index of dim {dim}: {reason}"
+        ) from None
+
+
+def training_need(factory: str) -> int:
+    """How many vectors an untrained index of `factory` wants before it is trained.
+
+    39 points per centroid is FAISS's own minimum before it warns about k-means.
+    """
+    need = 1000
+    if match := re.search(r"IVF(\d+)", factory):
+        need = max(need, 39 * int(match[1]))
+    if match := re.search(r"PQ(\d+)(?:x(\d+))?", factory):
+        need = max(need, 39 * 2 ** int(match[2] or 8))
+    return need
+
+
+class VectorIndex:
+    """Unit vectors keyed by int64 catalog keys; scores are inner products (cosines)."""
+
+    def __init__(self, dim: int, factory: str = FLAT, params: str = "") -> None:
+        self.dim = dim
+        self.factory = factory
+        self.params = params
+        self._present = np.zeros(0, dtype=bool)  # by key
+        if factory == FLAT:
+            self._exact = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+            self._coarse = faiss.IndexIDMap2(
+                faiss.IndexScalarQuantizer(
+                    dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
+                )
+            )
+            self._ann = None
+        else:
+            self._ann = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+            self._label_keys = np.zeros(0, dtype=np.int64)  # by label; -1 once removed
+            self._key_labels = np.zeros(0, dtype=np.int64)  # by key; -1 when absent
+            self._dead = 0
+            self._apply_params()
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def exact(self) -> bool:
+        return self._ann is None
+
+    @property
+    def is_trained(self) -> bool:
+        return self._ann is None or self._ann.is_trained
+
+    @property
+    def dead_fraction(self) -> float:
+        """Share of tombstones among stored vectors (approximate indexes only)."""
+        if self._ann is None or self._ann.ntotal == 0:
+            return 0.0
+        return self._dead / self._ann.ntotal
+
+    def __len__(self) -> int:
+        if self._ann is None:
+            return int(self._exact.ntotal)
+        return int(self._ann.ntotal) - self._dead
+
+    def keys(self) -> np.ndarray:
+        """Every key held, sorted."""
+        return np.flatnonzero(self._present).astype(np.int64)
+
+    def __contains__(self, key: int) -> bool:
+        return 0 <= key < len(self._present) and bool(self._present[key])
+
+    # -- changes -------------------------------------------------------------------------
+
+    def train(self, vectors: np.ndarray) -> None:
+        if self._ann is None or self._ann.is_trained:
+            return
+        logger.info("training %s index on %d vectors", self.factory, len(vectors))
+        self._ann.train(np.ascontiguousarray(vectors, dtype=np.float32))
+        self._after_training()
+
+    def put(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        """Add vectors under `keys`, replacing any already held under the same keys."""
+        keys = np.asarray(keys, dtype=np.int64)
+        if len(keys) == 0:
+            return
+        if not self.is_trained:
+            raise IndexNotReady(f"the {self.factory} index is not trained yet")
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.remove(keys)
+        self._grow(int(keys.max()) + 1)
+        if self._ann is None:
+            self._exact.add_with_ids(vectors, keys)
+            self._coarse.add_with_ids(vectors, keys)
+        else:
+            first = int(self._ann.ntotal)
+            labels = np.arange(first, first + len(keys), dtype=np.int64)
+            self._ann.add(vectors)
+            if len(self._label_keys) < first + len(keys):
+                grown = np.full(max(2 * len(self._label_keys), first + len(keys)), -1, np.int64)
+                grown[: len(self._label_keys)] = self._label_keys
+                self._label_keys = grown
+            self._label_keys[labels] = keys
+            self._key_labels[keys] = labels
+        self._present[keys] = True
+
+    def remove(self, keys: np.ndarray) -> int:
+        """Drop the vectors held under `keys` (unknown keys are ignored); how many went."""
+        keys = np.asarray(keys, dtype=np.int64)
+        keys = keys[(keys >= 0) & (keys < len(self._present))]
+        keys = np.unique(keys[self._present[keys]])
+        if len(keys) == 0:
+            return 0
+        if self._ann is None:
+            selector = faiss.IDSelectorBatch(keys)
+            self._exact.remove_ids(selector)
+            self._coarse.remove_ids(selector)
+        else:
+            self._label_keys[self._key_labels[keys]] = -1
+            self._key_labels[keys] = -1
+            self._dead += len(keys)
+        self._present[keys] = False
+        return len(keys)
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def vectors(self, keys: np.ndarray) -> np.ndarray:
+        """The stored vectors of held keys (exact for Flat; decoded, maybe lossy, otherwise)."""
+        keys = np.asarray(keys, dtype=np.int64)
+        if self._ann is None:
+            return self._exact.reconstruct_batch(keys)
+        return self._ann.reconstruct_batch(self._key_labels[keys])
+
+    def search(
+        self, query: np.ndarray, k: int, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The best `k` (keys, scores), best first, among all keys or only the `allowed` ones.
+
+        `allowed` must hold only keys present in the index. Fewer than k come
+        back only when fewer are held (or allowed).
+        """
+        if not self.is_trained:
+            raise IndexNotReady(f"the {self.factory} index is not trained yet")
+        query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, self.dim)
+        available = len(self) if allowed is None else len(allowed)
+        k = min(k, available)
+        if k <= 0:
+            return np.empty(0, np.int64), np.empty(0, np.float32)
+        if allowed is not None and len(allowed) <= DIRECT_LIMIT:
+            return self._score(query[0], np.asarray(allowed, dtype=np.int64), k)
+        if self._ann is None:
+            return self._flat_search(query, k, allowed, available)
+        return self._ann_search(query, k, allowed)
+
+    def _score(self, query: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores = self.vectors(keys) @ query
+        order = np.argsort(-scores, kind="stable")[:k]
+        return keys[order], scores[order].astype(np.float32)
+
+    def _flat_search(
+        self, query: np.ndarray, k: int, allowed: np.ndarray | None, available: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        bits = None if allowed is None else _bitmap(allowed, len(self._present))
+        selector = None if bits is None else faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))
+        params = None if selector is None else faiss.SearchParameters(sel=selector)
+        fetch = min(available, max(2 * k, k + 64))
+        while True:
+            coarse_scores, keys = self._coarse.search(query, fetch, params=params)
+            keys, coarse_scores = keys[0], coarse_scores[0]
+            held = keys >= 0
+            keys, coarse_scores = keys[held], coarse_scores[held]
+            # A vector left out scores at most coarse_scores[-1] + error in float32; the k
+            # candidates ahead score at least coarse_scores[k-1] - error.
+            if (
+                len(keys) < fetch
+                or fetch >= available
+                or coarse_scores[-1] < coarse_scores[k - 1] - 2 * FP16_SCORE_ERROR
+            ):
+                return self._score(query[0], keys, k)
+            fetch = min(available, fetch * 4)
+
+    def _ann_search(
+        self, query: np.ndarray, k: int, allowed: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if allowed is None:
+            labels = None if self._dead == 0 else np.flatnonzero(self._label_keys >= 0)
+        else:
+            labels = self._key_labels[allowed]
+        bits = None if labels is None else _bitmap(labels, int(self._ann.ntotal))
+        try:
+            scores, found = self._ann.search(query, k, params=self._search_params(bits))
+            scores, found = scores[0], found[0]
+        except RuntimeError:
+            # This index type takes no selector: over-fetch, then filter here.
+            scores, found = self._overfetch(query, k, bits)
+        held = found >= 0
+        scores, found = scores[held], found[held]
+        if len(found) < k:
+            # Approximate search missed some passing vectors (a narrow filter): score them all.
+            pool = np.flatnonzero(self._label_keys >= 0) if labels is None else labels
+            keys, scores = self._score(query[0], self._label_keys[pool], k)
+            return keys, scores
+        return self._label_keys[found], scores
+
+    def _search_params(self, bits: np.ndarray | None) -> faiss.SearchParameters | None:
+        if bits is None:
+            return None
+        selector = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))
+        inner = faiss.downcast_index(self._ann)
+        if isinstance(inner, faiss.IndexHNSW):
+            params = faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)
+        elif isinstance(inner, faiss.IndexIVF):
+            params = faiss.SearchParametersIVF(sel=selector, nprobe=inner.nprobe)
+        else:
+            params = faiss.SearchParameters(sel=selector)
+        params.keep_alive = (selector, bits)  # SWIG holds raw pointers to both
+        return params
+
+    def _overfetch(
+        self, query: np.ndarray, k: int, bits: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        total = int(self._ann.ntotal)
+        fetch = min(total, 4 * k + 16)
+        while True:
+            scores, found = self._ann.search(query, fetch)
+            scores, found = scores[0], found[0]
+            keep = found >= 0
+            if bits is not None:
+                labels = np.where(keep, found, 0)
+                keep &= (bits[labels >> 3] >> (labels & 7)) & 1 == 1
+            if keep.sum() >= k or fetch >= total:
+                return scores[keep][:k], found[keep][:k]
+            fetch = min(total, fetch * 4)
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _grow(self, size: int) -> None:
+        if size <= len(self._present):
+            return
+        size = max(size, 2 * len(self._present), 1024)
+        present = np.zeros(size, dtype=bool)
+        present[: len(self._present)] = self._present
+        self._present = present
+        if self._ann is not None:
+            labels = np.full(size, -1, dtype=np.int64)
+            labels[: len(self._key_labels)] = self._key_labels
+            self._key_labels = labels
+
+    def _apply_params(self) -> None:
+        inner = faiss.downcast_index(self._ann)
+        defaults = []
+        if isinstance(inner, faiss.IndexHNSW):
+            defaults.append(DEFAULT_PARAMS["HNSW"])
+        if faiss.try_extract_index_ivf(self._ann) is not None:
+            defaults.append(DEFAULT_PARAMS["IVF"])
+        space = faiss.ParameterSpace()
+        for text in [*defaults, self.params]:
+            if text:
+                space.set_index_parameters(self._ann, text)
+
+    def _after_training(self) -> None:
+        ivf = faiss.try_extract_index_ivf(self._ann)
+        if ivf is not None:
+            # Direct map: reconstruct vectors by label (narrow filters, rescoring).
+            ivf.make_direct_map()
+
+    # -- snapshots -----------------------------------------------------------------------
+
+    def save(self, path: Path, meta: dict) -> None:
+        """Write the index and `meta` to `path` atomically: temp file, fsync, rename."""
+        arrays = self.snapshot_arrays(meta)
+        write_snapshot(path, arrays)
+
+    def snapshot_arrays(self, meta: dict) -> dict[str, np.ndarray]:
+        """What a snapshot holds, copied: safe to write out after the caller's lock is gone."""
+        main = self._exact if self._ann is None else self._ann
+        data = faiss.serialize_index(main)
+        header = {
+            **meta,
+            "format": SNAPSHOT_FORMAT,
+            "factory": self.factory,
+            "dim": self.dim,
+            "params": self.params,
+            "size": len(self),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
+        arrays = {
+            "header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
+            "index": data,
+        }
+        if self._ann is not None:
+            arrays["label_keys"] = self._label_keys[: self._ann.ntotal].copy()
+        return arrays
+
+    @classmethod
+    def load(cls, path: Path) -> tuple[VectorIndex, dict]:
+        """The index saved at `path` and its meta; SnapshotError when it cannot be trusted."""
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                header = json.loads(archive["header"].tobytes())
+                data = archive["index"]
+                label_keys = archive["label_keys"] if "label_keys" in archive.files else None
+        except FileNotFoundError:
+            raise SnapshotError(f"no snapshot at {path}") from None
+        except Exception as err:  # noqa: BLE001 - any unreadable file is rebuilt
+            raise SnapshotError(f"unreadable snapshot {path}: {err}") from None
+        if header.get("format") != SNAPSHOT_FORMAT:
+            raise SnapshotError(f"snapshot {path} has format {header.get('format')}")
+        if hashlib.sha256(data).hexdigest() != header.get("sha256"):
+            raise SnapshotError(f"snapshot {path} fails its checksum")
+        try:
+            index = cls(int(header["dim"]), header["factory"], header.get("params", ""))
+            index._restore(faiss.deserialize_index(data), label_keys)
+        except Exception as err:  # noqa: BLE001
+            raise SnapshotError(f"snapshot {path} does not load: {err}") from None
+        if len(index) != header.get("size"):
+            raise SnapshotError(f"snapshot {path} holds {len(index)} vectors, not {header['size']}")
+        return index, header
+
+    def _restore(self, main: faiss.Index, label_keys: np.ndarray | None) -> None:
+        if self._ann is None:
+            # deserialize_index returns the concrete type and owns it: keep that proxy.
+            self._exact = main
+            keys = faiss.vector_to_array(self._exact.id_map).astype(np.int64)
+            flat = faiss.downcast_index(self._exact.index)
+            vectors = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * self.dim)
+            if len(keys):
+                self._coarse.add_with_ids(vectors.reshape(-1, self.dim), keys)
+        else:
+            self._ann = main
+            self._apply_params()
+            self._label_keys = np.asarray(label_keys, dtype=np.int64).copy()
+            self._dead = int((self._label_keys < 0).sum())
+            keys = self._label_keys[self._label_keys >= 0]
+        self._present = np.zeros(0, dtype=bool)
+        if len(keys):
+            self._grow(int(keys.max()) + 1)
+            self._present[keys] = True
+            if self._ann is not None:
+                self._key_labels[keys] = np.flatnonzero(self._label_keys >= 0)
+
+
+def _bitmap(ids: np.ndarray, size: int) -> np.ndarray:
+    """A little-endian bitmap of `ids` for faiss.IDSelectorBitmap."""
+    mask = np.zeros(max(size, int(ids.max()) + 1 if len(ids) else 0), dtype=bool)
+    mask[ids] = True
+    return np.packbits(mask, bitorder="little")
+
+
+def write_snapshot(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write `arrays` to `path` atomically: a crash leaves the old file or the new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temp, "wb") as file:
+            np.savez(file, **arrays)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

@@ -1,0 +1,65 @@
+"""Prometheus metrics of the search service, and the decorator that counts and times each RPC."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+from collections.abc import Callable
+from typing import Any
+
+from grpc import aio
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter(
+    "vpm_search_requests",
+    "Search service RPCs handled, by method and status code",
+    ["method", "code"],
+)
+LATENCY = Histogram(
+    "vpm_search_request_seconds",
+    "Search service RPC latency, by method",
+    ["method"],
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60),
+)
+UPSERTED = Counter(
+    "vpm_search_upserted_products", "Products received by UpsertProducts, by outcome", ["outcome"]
+)
+PRODUCTS = Gauge("vpm_search_products", "Products in the catalog")
+
+
+def observed(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Count and time an async servicer method (outside rpc_boundary, so aborts are seen)."""
+    name = method.__name__
+
+    def record(context: aio.ServicerContext, started: float, failed: bool) -> None:
+        code = context.code() if failed else None
+        label = "OK" if not failed else (code.name if code is not None else "UNKNOWN")
+        REQUESTS.labels(name, label).inc()
+        LATENCY.labels(name).observe(time.perf_counter() - started)
+
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream(self: Any, request: Any, context: aio.ServicerContext) -> Any:
+            started, failed = time.perf_counter(), True
+            try:
+                async for reply in method(self, request, context):
+                    yield reply
+                failed = False
+            finally:
+                record(context, started, failed)
+
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self: Any, request: Any, context: aio.ServicerContext) -> Any:
+        started, failed = time.perf_counter(), True
+        try:
+            reply = await method(self, request, context)
+            failed = False
+            return reply
+        finally:
+            record(context, started, failed)
+
+    return unary

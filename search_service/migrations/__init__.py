@@ -1,0 +1,1 @@
+"""Alembic migrations of the search catalog; run them with `python -m search_service.migrate`."""

@@ -1,0 +1,104 @@
+"""The vpm.v1.Search servicer (thin: unpack, call the engine, pack) and create_server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from grpc import aio
+from grpc_health.v1 import health
+
+from search_service import convert
+from search_service.engine import SearchEngine
+from search_service.metrics import PRODUCTS, UPSERTED, observed
+from search_service.settings import SearchSettings
+from vpm.v1 import search_pb2, search_pb2_grpc
+from vpm_common.rpc import rpc_boundary
+from vpm_common.serving import add_health_and_reflection, server_options, set_serving
+
+SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["Search"].full_name
+
+
+class SearchServicer(search_pb2_grpc.SearchServicer):
+    def __init__(self, engine: SearchEngine) -> None:
+        self.engine = engine
+
+    @observed
+    @rpc_boundary
+    async def Search(
+        self, request: search_pb2.SearchRequest, context: aio.ServicerContext
+    ) -> search_pb2.SearchResponse:
+        result = await self.engine.search(convert.search_query(request))
+        return convert.search_response(result)
+
+    @observed
+    @rpc_boundary
+    async def UpsertProducts(
+        self, request_iterator: AsyncIterator[search_pb2.Product], context: aio.ServicerContext
+    ) -> search_pb2.UpsertSummary:
+        summary = await self.engine.upsert(convert.upsert_items(request_iterator))
+        for outcome in ("inserted", "updated", "unchanged", "failed"):
+            UPSERTED.labels(outcome).inc(getattr(summary, outcome))
+        return convert.upsert_summary(summary)
+
+    @observed
+    @rpc_boundary
+    async def DeleteProducts(
+        self, request: search_pb2.DeleteProductsRequest, context: aio.ServicerContext
+    ) -> search_pb2.DeleteProductsResponse:
+        summary = await asyncio.to_thread(self.engine.delete, list(request.ids))
+        return convert.delete_response(summary)
+
+    @observed
+    @rpc_boundary
+    async def GetProduct(
+        self, request: search_pb2.GetProductRequest, context: aio.ServicerContext
+    ) -> search_pb2.Product:
+        product, vector = await asyncio.to_thread(
+            self.engine.get, request.id, request.include_vector
+        )
+        return convert.product_message(product, vector)
+
+    @observed
+    @rpc_boundary
+    async def ListProducts(
+        self, request: search_pb2.ListProductsRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[search_pb2.Product]:
+        async for product, vector in self.engine.list_products(request.include_vectors):
+            yield convert.product_message(product, vector)
+
+    @observed
+    @rpc_boundary
+    async def GetStats(
+        self, request: search_pb2.GetStatsRequest, context: aio.ServicerContext
+    ) -> search_pb2.Stats:
+        return convert.stats_message(await self.engine.stats())
+
+
+class SearchApp:
+    """What the server serves: the engine, and the health status that says it is loaded."""
+
+    def __init__(self, engine: SearchEngine) -> None:
+        self.engine = engine
+        self.health = health.aio.HealthServicer()
+
+    async def serve(self) -> None:
+        """Report SERVING: call once the engine is loaded."""
+        await set_serving(self.health, [SERVICE_NAME], True)
+
+
+async def create_server(settings: SearchSettings, app: SearchApp) -> tuple[aio.Server, int]:
+    """A server for `app` bound to settings.host:settings.port (0: a free port); not started.
+
+    Health says SERVING when the engine is already loaded; otherwise NOT_SERVING
+    until the caller loads it and calls `app.serve()` (see __main__).
+    """
+    server = aio.server(options=server_options(settings.max_message_bytes))
+    search_pb2_grpc.add_SearchServicer_to_server(SearchServicer(app.engine), server)
+    add_health_and_reflection(server, [SERVICE_NAME], app.health)
+    await set_serving(app.health, [SERVICE_NAME], app.engine.loaded)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {settings.host}:{settings.port}")
+    PRODUCTS.set_function(lambda: len(app.engine.mirror.records))
+    return server, port

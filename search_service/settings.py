@@ -1,0 +1,81 @@
+"""Search service settings: flags over VPM_SEARCH_* variables (the catalog: VPM_CATALOG_URL)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from vpm_common.settings import check, setting
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# host:port, [v6]:port, or any gRPC name-resolver URI such as dns:///name:port.
+_TARGET = re.compile(r"^([a-z][a-z0-9+.-]*:.+|\[[0-9a-fA-F:.]+\]:\d+|[^\s:/\[\]]+:\d+)$")
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    host: str = setting("[::]", "address to listen on")
+    port: int = setting(50052, "gRPC port (0 picks a free one)")
+    catalog_url: str = setting(
+        "sqlite:///data/catalog.db",
+        "SQLAlchemy URL of the catalog, e.g. postgresql+psycopg://user:pw@host/db; "
+        "a relative SQLite path is relative to the working directory",
+        env="VPM_CATALOG_URL",
+    )
+    data_dir: Path = setting(Path("data"), "folder for index snapshots")
+    index_factory: str = setting(
+        "Flat",
+        "vector index: Flat (exact inner product) or a FAISS factory string such as "
+        "HNSW32 or IVF4096,PQ64 (approximate; IVF and PQ train once the catalog is large enough)",
+    )
+    index_params: str = setting(
+        "", "FAISS search parameters for approximate indexes, e.g. efSearch=256 or nprobe=64"
+    )
+    encoder: tuple[str, ...] = setting(
+        (),
+        "encoder targets: host:port,host:port or dns:///name:port (round-robin); "
+        "empty: image and text queries answer UNAVAILABLE",
+    )
+    encoder_timeout_s: float = setting(30.0, "deadline of each encoder call, in seconds")
+    batch_size: int = setting(5000, "products committed per catalog transaction")
+    sqlite_synchronous: str = setting(
+        "FULL",
+        "SQLite commit durability: FULL survives power loss, NORMAL only process crashes "
+        "(faster); ignored for other databases",
+        choices=("FULL", "NORMAL"),
+    )
+    snapshot_interval_s: float = setting(
+        300.0, "seconds between index snapshots while the catalog changes (0: only at shutdown)"
+    )
+    search_threads: int = setting(8, "worker threads that run searches")
+    metrics_port: int = setting(9152, "Prometheus metrics HTTP port (0 disables)")
+    max_message_bytes: int = setting(64 * 1024 * 1024, "largest gRPC message, in bytes")
+    grace_s: float = setting(10.0, "seconds running calls get to finish at shutdown")
+    log_level: str = setting("INFO", "log level", choices=LOG_LEVELS)
+
+    def __post_init__(self) -> None:
+        check(0 <= self.port <= 65535, "port", f"must be 0 to 65535, got {self.port}")
+        check(
+            0 <= self.metrics_port <= 65535,
+            "metrics_port",
+            f"must be 0 to 65535, got {self.metrics_port}",
+        )
+        check(bool(self.catalog_url.strip()), "catalog_url", "must not be empty")
+        check(bool(self.index_factory.strip()), "index_factory", "must not be empty")
+        for target in self.encoder:
+            check(
+                bool(_TARGET.match(target)),
+                "encoder",
+                f"{target!r} is not host:port or a gRPC target such as dns:///name:port",
+            )
+        check(self.encoder_timeout_s > 0, "encoder_timeout_s", "must be positive")
+        check(
+            1 <= self.batch_size <= 100_000,
+            "batch_size",
+            f"must be 1 to 100000, got {self.batch_size}",
+        )
+        check(self.snapshot_interval_s >= 0, "snapshot_interval_s", "must not be negative")
+        check(self.search_threads >= 1, "search_threads", "must be at least 1")
+        check(self.max_message_bytes >= 1024, "max_message_bytes", "must be at least 1024")
+        check(self.grace_s >= 0, "grace_s", "must not be negative")

@@ -1,0 +1,91 @@
+"""Vector checks where vectors enter the service: dimension, finiteness, norm; then L2-normalize."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from vpm_common.errors import FailedPrecondition, InvalidArgument
+
+
+def unit_vector(
+    values: Sequence[float] | np.ndarray, field: str, dim: int | None = None
+) -> np.ndarray:
+    """`values` as an L2-normalized float32 vector; InvalidArgument naming `field` otherwise.
+
+    A wrong dimension is INVALID_ARGUMENT here (a malformed query); upserts check
+    the dimension against the catalog's model separately (`check_model`).
+    """
+    vector = np.asarray(values, dtype=np.float32)
+    if vector.ndim != 1 or vector.size == 0:
+        raise InvalidArgument(f"{field}: must be a non-empty list of numbers")
+    if dim is not None and vector.size != dim:
+        raise InvalidArgument(
+            f"{field}: expected {dim} values (the catalog's dimension), got {vector.size}"
+        )
+    finite = np.isfinite(vector)
+    if not finite.all():
+        where = int(np.argmin(finite))
+        raise InvalidArgument(f"{field}: value {where} is not finite ({vector[where]})")
+    # float64 so that tiny or huge components neither underflow nor overflow the norm.
+    norm = float(np.linalg.norm(vector.astype(np.float64)))
+    if norm == 0.0:
+        raise InvalidArgument(f"{field}: has zero norm")
+    return (vector.astype(np.float64) / norm).astype(np.float32)
+
+
+def unit_vectors(
+    rows: Sequence[Sequence[float] | np.ndarray], field: str
+) -> list[np.ndarray | InvalidArgument]:
+    """`unit_vector` for many vectors at once (vectorized per length): a vector or an error each."""
+    arrays = [np.asarray(row, dtype=np.float32) for row in rows]
+    results: list[np.ndarray | InvalidArgument | None] = [None] * len(arrays)
+    by_size: dict[int, list[int]] = {}
+    for i, array in enumerate(arrays):
+        if array.ndim == 1 and array.size:
+            by_size.setdefault(array.size, []).append(i)
+    for positions in by_size.values():
+        matrix = np.stack([arrays[i] for i in positions])
+        norms = np.linalg.norm(matrix, axis=1)
+        # NaN or infinity make the norm non-finite; float32 overflow or underflow of the
+        # norm itself sends the vector to unit_vector (float64) below.
+        good = np.isfinite(norms) & (norms > 1e-18) & (norms < 1e18)
+        unit = matrix[good] / norms[good, None]
+        for row, i in zip(unit, np.asarray(positions)[good], strict=True):
+            results[i] = row
+    for i, result in enumerate(results):
+        if result is None:
+            try:
+                results[i] = unit_vector(arrays[i], field)
+            except InvalidArgument as err:
+                results[i] = err
+    return results  # type: ignore[return-value]
+
+
+def check_model(
+    model_id: str, size: int, catalog_model: str | None, catalog_dim: int | None
+) -> None:
+    """FailedPrecondition unless a vector of `model_id` and `size` may join the catalog."""
+    if catalog_model is None:
+        return
+    if model_id != catalog_model:
+        raise FailedPrecondition(
+            f"model_id: {model_id!r} differs from the catalog's model {catalog_model!r}"
+        )
+    if size != catalog_dim:
+        raise FailedPrecondition(
+            f"vector: {size} values, but the catalog holds {catalog_dim}-dimensional vectors "
+            f"of model {catalog_model!r}"
+        )
+
+
+def to_bytes(vector: np.ndarray) -> bytes:
+    """The catalog's storage form: little-endian float32."""
+    if vector.dtype == np.dtype("<f4"):
+        return vector.tobytes()
+    return np.asarray(vector, dtype="<f4").tobytes()
+
+
+def from_bytes(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype="<f4").astype(np.float32)
