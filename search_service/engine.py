@@ -234,6 +234,12 @@ class SearchEngine:
                 encoders=encoders,
             )
 
+    def index_keys(self) -> np.ndarray:
+        """The catalog keys the vector index holds, sorted (for checks that it agrees)."""
+        with self.mirror.lock.read():
+            index = self.mirror.index
+            return np.empty(0, np.int64) if index is None else index.keys()
+
     # -- writes --------------------------------------------------------------------------
 
     async def upsert(self, items: AsyncIterable[UpsertItem]) -> UpsertSummary:

@@ -1,0 +1,165 @@
+"""Domain tier: the SQL catalog, run against both SQLite and the machine's PostgreSQL."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from search_service.catalog import Catalog, create_catalog_engine
+from search_service.migrate import upgrade_to_head
+from search_service.models import Product
+from tests.search.conftest import random_catalog
+from vpm_common.errors import Unavailable
+
+OpenCatalog = Callable[[str], Catalog]
+
+
+def pairs(products: list[Product], vectors: np.ndarray) -> list[tuple[Product, np.ndarray]]:
+    return list(zip(products, vectors, strict=True))
+
+
+def test_migrations_create_the_schema_once(catalog_url: str, open_catalog: OpenCatalog) -> None:
+    catalog = open_catalog(catalog_url)
+    assert upgrade_to_head(catalog.engine) == "0001"  # already there: nothing to do
+    inspector = sa.inspect(catalog.engine)
+    assert {"products", "deletions", "catalog_state", "alembic_version"} <= set(
+        inspector.get_table_names()
+    )
+    indexed = {tuple(ix["column_names"]) for ix in inspector.get_indexes("products")}
+    for column in ("gender", "master_category", "article_type", "base_colour", "year", "version"):
+        assert (column,) in indexed
+    state = catalog.state()
+    assert state.version == 0 and state.model_id is None and len(state.catalog_id) == 36
+
+
+def test_upsert_classifies_and_stores_exact_vectors(
+    catalog_url: str, open_catalog: OpenCatalog
+) -> None:
+    catalog = open_catalog(catalog_url)
+    products, vectors = random_catalog(300, 8)
+    first = catalog.upsert(pairs(products, vectors))
+    assert [o.kind for o in first.outcomes] == ["inserted"] * 300
+    assert first.version == 1 and first.model_id == "test-model" and first.dim == 8
+    keys = [o.key for o in first.outcomes]
+    assert len(set(keys)) == 300
+
+    changed = [
+        (products[0], vectors[0]),  # the same: unchanged
+        (dataclasses.replace(products[1], name="New name"), vectors[1]),  # metadata only
+        (products[2], -vectors[2]),  # vector
+        (products[3], vectors[3]),
+    ]
+    second = catalog.upsert(changed)
+    assert [o.kind for o in second.outcomes] == ["unchanged", "updated", "updated", "unchanged"]
+    assert [o.vector_changed for o in second.outcomes[1:3]] == [False, True]
+    assert [o.key for o in second.outcomes] == keys[:4]  # keys are stable across updates
+    assert second.version == 2
+
+    key, product, vector = catalog.get("p2", include_vector=True)
+    assert key == keys[2] and product == products[2]
+    assert vector.dtype == np.float32 and np.array_equal(vector, -vectors[2])
+    assert catalog.get("p1")[1].name == "New name"
+    assert catalog.get("nope") is None
+    assert catalog.count() == 300
+
+
+def test_nothing_changed_keeps_the_version(catalog_url: str, open_catalog: OpenCatalog) -> None:
+    catalog = open_catalog(catalog_url)
+    products, vectors = random_catalog(10, 4)
+    catalog.upsert(pairs(products, vectors))
+    again = catalog.upsert(pairs(products, vectors))
+    assert again.version == 1 and catalog.state().version == 1
+    assert {o.kind for o in again.outcomes} == {"unchanged"}
+
+
+def test_model_guard_per_item_and_adoption_by_an_empty_catalog(
+    catalog_url: str, open_catalog: OpenCatalog
+) -> None:
+    catalog = open_catalog(catalog_url)
+    products, vectors = random_catalog(3, 4)
+    other = Product(id="other", model_id="another-model")
+    short = Product(id="short", model_id="test-model")
+    write = catalog.upsert(
+        [*pairs(products, vectors), (other, vectors[0]), (short, np.ones(3, np.float32))]
+    )
+    kinds = [o.kind for o in write.outcomes]
+    assert kinds == ["inserted"] * 3 + ["failed", "failed"]
+    assert write.outcomes[3].error.status == "FAILED_PRECONDITION"
+    assert write.outcomes[3].error.message == (
+        "model_id: 'another-model' differs from the catalog's model 'test-model'"
+    )
+    assert write.outcomes[4].error.message == (
+        "vector: 3 values, but the catalog holds 4-dimensional vectors of model 'test-model'"
+    )
+    # Emptied, the catalog may take another model.
+    catalog.delete([p.id for p in products])
+    write = catalog.upsert([(other, np.ones(6, np.float32) / 6**0.5)])
+    assert write.outcomes[0].kind == "inserted" and (write.model_id, write.dim) == (
+        "another-model",
+        6,
+    )
+
+
+def test_delete_logs_changes_for_catching_up(catalog_url: str, open_catalog: OpenCatalog) -> None:
+    catalog = open_catalog(catalog_url)
+    products, vectors = random_catalog(20, 4)
+    keys = [o.key for o in catalog.upsert(pairs(products, vectors)).outcomes]
+    catalog.upsert([(products[5], -vectors[5])])  # version 2
+    deleted = catalog.delete(["p1", "p2", "ghost", "p1"])  # version 3
+    assert sorted(deleted.deleted) == [(keys[1], "p1"), (keys[2], "p2")]
+    assert deleted.not_found == ["ghost"] and deleted.version == 3
+    assert catalog.delete(["ghost"]).version == 3  # nothing deleted: no new version
+
+    assert sorted(catalog.deleted_since(2).tolist()) == [keys[1], keys[2]]
+    assert catalog.deleted_since(3).tolist() == []
+    changed = list(catalog.products(include_vectors=True, since_version=1))
+    assert [(key, product.id) for key, product, _ in changed] == [(keys[5], "p5")]
+    assert np.array_equal(changed[0][2], -vectors[5])
+    # A deleted id comes back under a new key; keys are never reused.
+    back = catalog.upsert([(products[1], vectors[1])])
+    assert back.outcomes[0].kind == "inserted" and back.outcomes[0].key > max(keys)
+
+
+def test_large_batches_commit_in_one_transaction(
+    catalog_url: str, open_catalog: OpenCatalog
+) -> None:
+    catalog = open_catalog(catalog_url)
+    products, vectors = random_catalog(12_000, 8)
+    write = catalog.upsert(pairs(products, vectors))
+    assert write.version == 1 and catalog.count() == 12_000
+    pages = list(catalog.vector_pages())
+    stored = np.concatenate([page for _, page in pages])
+    assert np.array_equal(stored, vectors)  # keys follow insertion order
+    listed = [product for _, product, _ in catalog.products()]
+    assert listed == products
+
+
+def test_unreachable_database_is_unavailable_without_sql(tmp_path) -> None:
+    with pytest.raises(Unavailable) as caught:
+        Catalog.open("postgresql+psycopg://postgres@127.0.0.1:1/nowhere")
+    assert "cannot open the catalog" in caught.value.message
+    catalog = Catalog.open(f"sqlite:///{tmp_path}/c.db")
+    catalog.engine.dispose()
+    with create_catalog_engine(f"sqlite:///{tmp_path}/c.db").begin() as conn:
+        conn.exec_driver_sql("DROP TABLE products")
+    with pytest.raises(Unavailable) as caught:
+        catalog.count()
+    assert caught.value.message == "the catalog database is unavailable; retry later"
+    catalog.close()
+
+
+def test_sqlite_parent_folders_are_created(tmp_path) -> None:
+    catalog = Catalog.open(f"sqlite:///{tmp_path}/a/b/catalog.db")
+    assert (tmp_path / "a" / "b" / "catalog.db").exists()
+    assert catalog.url == f"sqlite:///{tmp_path}/a/b/catalog.db"
+    catalog.close()
+
+
+def test_password_is_masked_in_the_url(postgres_url: str) -> None:
+    engine = create_catalog_engine(postgres_url.replace("postgres@", "postgres:secret@"))
+    assert "secret" not in Catalog(engine).url and "***" in Catalog(engine).url
+    engine.dispose()

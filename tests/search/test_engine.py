@@ -1,0 +1,384 @@
+"""Domain tier: SearchEngine against the numpy oracle; snapshots, catching up, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from search_service.embedder import QueryEmbedder
+from search_service.engine import SearchEngine
+from search_service.index import VectorIndex
+from search_service.models import Product, SearchQuery, UpsertItem
+from tests.search.conftest import assert_exact_top_k, brute_force, random_catalog
+from vpm_common.encoder_pool import EncoderPool
+from vpm_common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+
+OpenEngine = Callable[..., SearchEngine]
+DIM = 64
+
+
+@pytest.fixture(scope="module")
+def catalog_10k() -> tuple[list[Product], np.ndarray]:
+    return random_catalog(10_000, DIM, seed=1)
+
+
+@pytest.fixture
+def engine_10k(
+    open_engine: OpenEngine, sqlite_url: str, catalog_10k: tuple
+) -> tuple[SearchEngine, list[Product], np.ndarray]:
+    products, vectors = catalog_10k
+    engine = open_engine(sqlite_url)
+    summary = engine.upsert_products(zip(products, vectors, strict=True))
+    assert (summary.inserted, summary.failed) == (10_000, 0)
+    return engine, products, vectors
+
+
+def check_exact(engine, products, vectors, query, k, allowed=None, exclude=None, **search):
+    result = engine.search_vector(query if exclude is None else None, top_k=k, **search)
+    oracle_allowed = np.ones(len(products), bool) if allowed is None else allowed.copy()
+    if exclude is not None:
+        oracle_allowed[exclude] = False
+    rows, expected = brute_force(vectors, query, k, oracle_allowed)
+    scores = {p.id: float(s) for p, s in zip(products, vectors @ query, strict=True)}
+    found = [m.product.id for m in result.matches]
+    got = np.array([m.score for m in result.matches])
+    assert_exact_top_k(found, got, [products[r].id for r in rows], expected, scores.get)
+    assert all(m.product == products[int(m.product.id[1:])] for m in result.matches)
+
+
+def test_search_by_vector_is_the_brute_force_top_k(engine_10k: tuple) -> None:
+    engine, products, vectors = engine_10k
+    rng = np.random.default_rng(5)
+    for k in (1, 10, 100):
+        for _ in range(10):
+            query = rng.standard_normal(DIM).astype(np.float32) * 3  # normalized on entry
+            check_exact(engine, products, vectors, query / np.linalg.norm(query), k)
+
+
+def test_search_by_product_id_excludes_itself(engine_10k: tuple) -> None:
+    engine, products, vectors = engine_10k
+    for row in (0, 17, 4242, 9999):
+        result = engine.search_vector(product_id=products[row].id, top_k=10)
+        assert products[row].id not in [m.product.id for m in result.matches]
+        allowed = np.ones(len(products), bool)
+        allowed[row] = False
+        rows, expected = brute_force(vectors, vectors[row], 10, allowed)
+        assert [m.product.id for m in result.matches] == [products[r].id for r in rows]
+        np.testing.assert_allclose([m.score for m in result.matches], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [
+        {"gender": "Men"},
+        {"masterCategory": "Footwear", "baseColour": "Navy Blue"},
+        {"article_type": "Type3", "year": "2012", "attributes.fit": "slim"},
+        {"id": "p77"},
+    ],
+)
+def test_filtered_search_is_the_brute_force_top_k_among_passing(
+    engine_10k: tuple, filters: dict
+) -> None:
+    from search_service.filters import parse_filters
+
+    engine, products, vectors = engine_10k
+    terms = parse_filters(filters)
+
+    def passes(product: Product) -> bool:
+        for name, value in terms:
+            if name.startswith("attributes."):
+                held = product.attributes.get(name.split(".", 1)[1])
+            elif name == "id":
+                held = product.id
+            else:
+                held = str(getattr(product, name))
+            if held != value:
+                return False
+        return True
+
+    allowed = np.array([passes(p) for p in products])
+    rng = np.random.default_rng(8)
+    for _ in range(5):
+        query = vectors[rng.integers(len(vectors))]
+        check_exact(engine, products, vectors, query, 25, allowed, terms=terms)
+    if allowed.sum() > 30:
+        row = int(np.flatnonzero(allowed)[3])
+        result = engine.search_vector(product_id=products[row].id, top_k=30, terms=terms)
+        assert len(result.matches) == 30  # the filter never makes a page come back short
+        assert all(passes(m.product) for m in result.matches)
+
+
+def test_paging_and_min_score(engine_10k: tuple) -> None:
+    engine, products, vectors = engine_10k
+    query = vectors[123]
+    whole = engine.search_vector(query, top_k=50).matches
+    pages = [engine.search_vector(query, top_k=10, offset=o).matches for o in range(0, 50, 10)]
+    assert [m.product.id for page in pages for m in page] == [m.product.id for m in whole]
+    threshold = whole[20].score
+    above = engine.search_vector(query, top_k=50, min_score=threshold).matches
+    assert [m.product.id for m in above] == [m.product.id for m in whole[:21]]
+
+
+def test_query_checks_name_the_field(engine_10k: tuple) -> None:
+    engine, _, vectors = engine_10k
+
+    def search(**query):
+        return asyncio.run(engine.search(SearchQuery(**query)))
+
+    cases = [
+        ({}, InvalidArgument, "query: set exactly one of image, text, product_id and vector"),
+        ({"product_id": "x", "text": "y"}, InvalidArgument, "query: set exactly one of"),
+        ({"vector": vectors[0], "top_k": -1}, InvalidArgument, "top_k: must be between 1 and 1000"),
+        ({"vector": vectors[0], "top_k": 1001}, InvalidArgument, "top_k: must be between 1 and"),
+        ({"vector": vectors[0], "offset": -1}, InvalidArgument, "offset: must not be negative"),
+        ({"vector": vectors[0], "offset": 9995, "top_k": 10}, InvalidArgument, "offset: offset +"),
+        ({"vector": vectors[0][:5]}, InvalidArgument, "vector: expected 64 values"),
+        ({"product_id": "nope"}, NotFound, "product_id: no product 'nope' in the catalog"),
+        ({"product_id": ""}, InvalidArgument, "product_id: must not be empty"),
+        ({"text": "  "}, InvalidArgument, "text: must not be empty"),
+        ({"image": b"jpeg"}, Unavailable, "image: no encoder is configured (--encoder)"),
+        ({"vector": vectors[0], "filters": {"colour": "x"}}, InvalidArgument, "filters: unknown"),
+        ({"vector": vectors[0], "min_score": float("nan")}, InvalidArgument, "min_score: must be"),
+    ]
+    for query, error, message in cases:
+        with pytest.raises(error) as caught:
+            search(**query)
+        assert caught.value.message.startswith(message), (query, caught.value.message)
+
+
+def test_upsert_stream_counts_each_outcome_and_last_duplicate_wins(
+    open_engine: OpenEngine, sqlite_url: str
+) -> None:
+    engine = open_engine(sqlite_url)
+    products, vectors = random_catalog(5, 4)
+
+    async def stream(items):
+        for item in items:
+            yield item
+
+    items = [UpsertItem(p, v) for p, v in zip(products, vectors, strict=True)]
+    items += [
+        UpsertItem(dataclasses.replace(products[0], name="second"), vectors[0]),  # repeat: update
+        UpsertItem(products[1], vectors[1]),  # repeat, unchanged
+        UpsertItem(Product(id="", model_id="test-model"), vectors[0]),
+        UpsertItem(Product(id="both", model_id="test-model"), vectors[0], image=b"x"),
+        UpsertItem(Product(id="neither", model_id="test-model")),
+        UpsertItem(Product(id="nan", model_id="test-model"), np.full(4, np.nan, np.float32)),
+        UpsertItem(Product(id="zero", model_id="test-model"), np.zeros(4, np.float32)),
+        UpsertItem(Product(id="dim", model_id="test-model"), np.ones(3, np.float32)),
+        UpsertItem(Product(id="model", model_id="other"), vectors[0]),
+        UpsertItem(Product(id="nomodel"), vectors[0]),
+        UpsertItem(Product(id="sha", model_id="test-model", image_sha256="XYZ"), vectors[0]),
+    ]
+    summary = asyncio.run(engine.upsert(stream(items)))
+    assert (summary.inserted, summary.updated, summary.unchanged) == (5, 1, 1)
+    failures = {f.id: (f.code, f.message) for f in summary.failures}
+    assert failures == {
+        "": (3, "id: must be 1 to 256 characters, got 0"),
+        "both": (3, "vector, image: set exactly one of them"),
+        "neither": (3, "vector, image: set exactly one of them"),
+        "nan": (3, "vector: value 0 is not finite (nan)"),
+        "zero": (3, "vector: has zero norm"),
+        "dim": (
+            9,
+            "vector: 3 values, but the catalog holds 4-dimensional vectors of model 'test-model'",
+        ),
+        "model": (9, "model_id: 'other' differs from the catalog's model 'test-model'"),
+        "nomodel": (
+            14,
+            "model_id: no encoder is configured (--encoder), so image and text "
+            "queries are unavailable; product_id and vector queries work",
+        ),
+        "sha": (3, "image_sha256: must be 64 lower-case hex digits"),
+    }
+    assert summary.failed == 9
+    assert engine.get("p0")[0].name == "second"
+    assert summary.catalog_version == engine.mirror.version == 2
+
+
+def test_restart_loads_the_snapshot_and_catches_up(
+    catalog_url: str, open_engine: OpenEngine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A second engine on the same catalog (another process) and a restart from a snapshot."""
+    products, vectors = random_catalog(3000, 16)
+    first = open_engine(catalog_url, tmp_path / "a")
+    first.upsert_products(zip(products[:2000], vectors[:2000], strict=True))
+    assert first.save_snapshot()
+    # Changes after the snapshot: new products, a moved vector, new metadata, deletions.
+    first.upsert_products(zip(products[2000:], vectors[2000:], strict=True))
+    first.upsert_products(
+        [(products[5], -vectors[5]), (dataclasses.replace(products[6], name="x"), vectors[6])]
+    )
+    first.delete(["p7", "p2500"])
+
+    caplog.set_level(logging.INFO)
+    second = open_engine(catalog_url, tmp_path / "a")
+    assert "catching up" in caplog.text and "rebuild" not in caplog.text
+    assert second.mirror.version == first.mirror.version
+    assert second.mirror.agrees() and len(second.mirror.records) == 2998
+    assert second.index_keys().tolist() == first.index_keys().tolist()
+    assert second.search_vector(-vectors[5], top_k=1).matches[0].product.id == "p5"
+    assert second.get("p6")[0].name == "x"
+    with pytest.raises(NotFound):
+        second.get("p7")
+    # The other direction: the second writes, the first catches up without a rebuild.
+    second.upsert_products([(products[8], -vectors[8])])
+    first.catch_up()
+    assert first.search_vector(-vectors[8], top_k=1).matches[0].product.id == "p8"
+    assert first.mirror.version == second.mirror.version
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "other catalog", "ahead", "other factory"])
+def test_untrustworthy_snapshots_are_rebuilt(
+    open_engine: OpenEngine,
+    sqlite_url: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    damage: str,
+) -> None:
+    products, vectors = random_catalog(500, 8)
+    engine = open_engine(sqlite_url, tmp_path / "d")
+    engine.upsert_products(zip(products, vectors, strict=True))
+    engine.save_snapshot()
+    path = engine.mirror.snapshot_path
+    index, meta = VectorIndex.load(path)
+    if damage == "corrupt":
+        data = bytearray(path.read_bytes())
+        data[len(data) // 3] ^= 0x55
+        path.write_bytes(data)
+    elif damage == "other catalog":
+        index.save(path, {**meta, "catalog_id": "someone-else"})
+    elif damage == "ahead":
+        index.save(path, {**meta, "version": meta["version"] + 5})
+    options = {"index_factory": "HNSW32"} if damage == "other factory" else {}
+    caplog.set_level(logging.INFO)
+    again = open_engine(sqlite_url, tmp_path / "d", **options)
+    assert "rebuild" in caplog.text and "building the" in caplog.text
+    assert again.mirror.agrees() and len(again.index_keys()) == 500
+    assert again.search_vector(vectors[9], top_k=1).matches[0].product.id == "p9"
+
+
+def test_searches_never_see_half_a_batch(open_engine: OpenEngine, sqlite_url: str) -> None:
+    engine = open_engine(sqlite_url, batch_size=400)
+    products, vectors = random_catalog(4000, 8)
+    tagged = [
+        dataclasses.replace(p, attributes={"batch": str(i // 400)}) for i, p in enumerate(products)
+    ]
+    done = threading.Event()
+    seen: list[int] = []
+    errors: list[BaseException] = []
+
+    def searcher() -> None:
+        rng = np.random.default_rng(0)
+        try:
+            while not done.is_set():
+                batch = str(int(rng.integers(10)))
+                result = engine.search_vector(
+                    vectors[0], top_k=1000, terms=[("attributes.batch", batch)]
+                )
+                seen.append(len(result.matches))
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=searcher) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    engine.upsert_products(zip(tagged, vectors, strict=True))
+    done.set()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert len(seen) > 10 and set(seen) <= {0, 400}
+
+
+def test_image_products_and_queries_go_through_the_encoder(
+    open_engine: OpenEngine, sqlite_url: str, fake_encoders: Callable
+) -> None:
+    fake, server = fake_encoders(dim=16)
+    engine = open_engine(sqlite_url)
+
+    async def run():
+        engine.embedder = QueryEmbedder(EncoderPool([server.target], timeout_s=5))
+        try:
+            items = [
+                UpsertItem(Product(id=f"i{i}", name=f"n{i}"), image=b"img%d" % i) for i in range(20)
+            ]
+            items.append(UpsertItem(Product(id="broken"), image=b"not an image, truncated"))
+            first = await engine.upsert(_stream(items))
+            encoded = fake.images
+            again = await engine.upsert(_stream(items[:20]))  # same bytes, same metadata
+            renamed = [UpsertItem(Product(id="i3", name="renamed"), image=b"img3")]
+            third = await engine.upsert(_stream(renamed))
+            hit = await engine.search(SearchQuery(image=b"img7", top_k=1))
+            text = await engine.search(SearchQuery(text="red shoes", top_k=3))
+            return first, encoded, again, third, hit, text
+        finally:
+            await engine.embedder.close()
+
+    first, encoded, again, third, hit, text = asyncio.run(run())
+    assert (first.inserted, first.failed) == (20, 1)
+    assert first.failures[0].code == 3
+    assert first.failures[0].message == "image: image data is truncated or corrupt"
+    assert encoded == 20
+    assert (again.unchanged, again.inserted, again.updated) == (20, 0, 0)
+    assert third.updated == 1
+    assert fake.images == 20 + 1 + 1  # nothing re-encoded for the unchanged; then the query
+    stored = engine.get("i0")[0]
+    assert stored.model_id == "fake-model" and len(stored.image_sha256) == 64
+    assert hit.matches[0].product.id == "i7" and hit.matches[0].score == pytest.approx(1, abs=1e-5)
+    assert len(text.matches) == 3 and fake.texts == 1
+
+
+def test_an_encoder_of_another_model_is_refused(
+    open_engine: OpenEngine, sqlite_url: str, fake_encoders: Callable
+) -> None:
+    _, server = fake_encoders(dim=8, model_id="a-new-model")
+    engine = open_engine(sqlite_url)
+    products, vectors = random_catalog(10, 8)
+    engine.upsert_products(zip(products, vectors, strict=True))
+
+    async def run():
+        engine.embedder = QueryEmbedder(EncoderPool([server.target], timeout_s=5))
+        try:
+            with pytest.raises(FailedPrecondition) as caught:
+                await engine.search(SearchQuery(text="shoes"))
+            summary = await engine.upsert(_stream([UpsertItem(Product(id="x"), image=b"y")]))
+            return caught.value.message, summary
+        finally:
+            await engine.embedder.close()
+
+    message, summary = asyncio.run(run())
+    assert message == (
+        "text: the encoders run model 'a-new-model', but the catalog holds vectors of model "
+        "'test-model'"
+    )
+    assert summary.failed == 1 and summary.failures[0].code == 9
+
+
+def test_ivf_index_trains_once_the_catalog_is_large_enough(
+    open_engine: OpenEngine, sqlite_url: str
+) -> None:
+    engine = open_engine(sqlite_url, index_factory="IVF8,Flat")
+    products, vectors = random_catalog(1500, 8)
+    engine.upsert_products(zip(products[:300], vectors[:300], strict=True))
+    with pytest.raises(FailedPrecondition) as caught:
+        engine.search_vector(vectors[0])
+    assert caught.value.message == (
+        "the IVF8,Flat index needs at least 1000 vectors to train and the catalog has 300; "
+        "searches fail until then (or use --index-factory Flat)"
+    )
+    engine.upsert_products(zip(products[300:], vectors[300:], strict=True))
+    assert engine.search_vector(vectors[1200], top_k=1).matches[0].product.id == "p1200"
+    assert engine.mirror.agrees()
+
+
+async def _stream(items):
+    for item in items:
+        yield item

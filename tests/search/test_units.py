@@ -1,0 +1,144 @@
+"""Unit tier: vector checks, filter keys and the columnar filter index, the readers-writer lock."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from search_service.filters import FilterIndex, parse_filters
+from search_service.models import Product
+from search_service.rwlock import ReadWriteLock
+from search_service.vectors import check_model, unit_vector, unit_vectors
+from vpm_common.errors import FailedPrecondition, InvalidArgument
+
+
+def test_unit_vector_normalizes_in_float32() -> None:
+    vector = unit_vector([3.0, 4.0], "vector")
+    assert vector.dtype == np.float32
+    np.testing.assert_allclose(vector, [0.6, 0.8], rtol=1e-6)
+
+
+def test_unit_vector_survives_extreme_magnitudes() -> None:
+    np.testing.assert_allclose(unit_vector([1e-30, 1e-30], "v"), [2**-0.5] * 2, rtol=1e-6)
+    np.testing.assert_allclose(unit_vector([3e38, 3e38], "v"), [2**-0.5] * 2, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("values", "dim", "message"),
+    [
+        ([1.0, 2.0], 3, "vector: expected 3 values (the catalog's dimension), got 2"),
+        ([1.0, float("nan"), 2.0], None, "vector: value 1 is not finite (nan)"),
+        ([float("inf"), 0.0], None, "vector: value 0 is not finite (inf)"),
+        ([0.0, 0.0, 0.0], None, "vector: has zero norm"),
+        ([], None, "vector: must be a non-empty list of numbers"),
+    ],
+)
+def test_unit_vector_refusals_name_the_field(values: list, dim: int | None, message: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        unit_vector(values, "vector", dim)
+    assert caught.value.message == message
+
+
+def test_unit_vectors_matches_unit_vector_one_by_one() -> None:
+    rng = np.random.default_rng(1)
+    rows = [rng.standard_normal(8) for _ in range(5)]
+    rows += [[0.0] * 8, [float("nan")] * 8, rng.standard_normal(4), [1e-30] * 8]
+    results = unit_vectors(rows, "vector")
+    for row, result in zip(rows, results, strict=True):
+        try:
+            expected = unit_vector(row, "vector")
+        except InvalidArgument as err:
+            assert isinstance(result, InvalidArgument)
+            assert result.message == err.message
+        else:
+            np.testing.assert_allclose(result, expected, rtol=1e-6)
+
+
+def test_check_model_refuses_another_model_or_dimension() -> None:
+    check_model("m", 4, None, None)  # an empty catalog takes anything
+    check_model("m", 4, "m", 4)
+    with pytest.raises(FailedPrecondition, match="model_id: 'x' differs from the catalog's model"):
+        check_model("x", 4, "m", 4)
+    with pytest.raises(FailedPrecondition, match="vector: 3 values, but the catalog holds 4-dim"):
+        check_model("m", 3, "m", 4)
+
+
+def test_filter_keys_accept_styles_csv_spellings_and_attributes() -> None:
+    terms = parse_filters(
+        {
+            "masterCategory": "Apparel",
+            "baseColour": "Blue",
+            "year": "2012",
+            "attributes.fit": "slim",
+        }
+    )
+    assert sorted(terms) == [
+        ("attributes.fit", "slim"),
+        ("base_colour", "Blue"),
+        ("master_category", "Apparel"),
+        ("year", "2012"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("filters", "message"),
+    [
+        ({"colour": "Blue"}, "filters: unknown key 'colour'; use one of id, name, gender"),
+        ({"attributes.": "x"}, "filters: key 'attributes.' needs an attribute name after the dot"),
+        ({"year": "recent"}, "filters: 'year' must be an integer, got 'recent'"),
+    ],
+)
+def test_bad_filter_keys_name_the_key(filters: dict, message: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        parse_filters(filters)
+    assert caught.value.message.startswith(message)
+
+
+def test_filter_index_matches_all_terms_and_forgets_removed_keys() -> None:
+    index = FilterIndex()
+    products = [
+        Product(id="a", gender="Men", year=2012, attributes={"fit": "slim"}),
+        Product(id="b", gender="Men", year=2013),
+        Product(id="c", gender="Women", year=2012, attributes={"fit": "slim"}),
+    ]
+    keys = np.array([3, 7, 9])
+    index.put(keys, index.encode(products))
+    assert index.matching([("gender", "Men")]).tolist() == [3, 7]
+    assert index.matching([("year", "2012"), ("attributes.fit", "slim")]).tolist() == [3, 9]
+    assert index.matching([("id", "b")]).tolist() == [7]
+    assert index.matching([("gender", "Kids")]).tolist() == []
+    # Replacing a product drops the attributes it no longer has.
+    index.put(np.array([3]), index.encode([Product(id="a", gender="Women")]))
+    assert index.matching([("attributes.fit", "slim")]).tolist() == [9]
+    index.remove(np.array([9]))
+    assert index.matching([("gender", "Women")]).tolist() == [3]
+
+
+def test_rwlock_lets_readers_share_and_writers_exclude() -> None:
+    lock = ReadWriteLock()
+    inside: list[str] = []
+    events: list[tuple[str, int]] = []
+
+    def reader(n: int) -> None:
+        with lock.read():
+            inside.append("r")
+            events.append(("r", len([x for x in inside if x == "r"])))
+            time.sleep(0.05)
+            inside.remove("r")
+
+    def writer() -> None:
+        with lock.write():
+            events.append(("w", len(inside)))
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(4)]
+    threads.append(threading.Thread(target=writer))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert max(count for kind, count in events if kind == "r") > 1  # readers overlapped
+    assert all(count == 0 for kind, count in events if kind == "w")  # the writer was alone
