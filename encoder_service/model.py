@@ -132,7 +132,7 @@ def _resolve_weights(open_clip: Any, config: ModelConfig) -> tuple[str | None, s
             f"--pretrained {config.pretrained!r} is not a known tag for {config.name} "
             f"(known: {known}); pass a checkpoint path or 'none'"
         )
-    if not _hub_reachable():
+    if not hub_reachable():
         # Offline: let open_clip use its cache only, instead of retrying for a minute.
         _force_hub_offline()
     return config.pretrained, f"{config.name}/{config.pretrained}", config.pretrained
@@ -147,7 +147,8 @@ def weights_error_line(config: ModelConfig, error: BaseException) -> str:
     )
 
 
-def _hub_reachable() -> bool:
+def hub_reachable() -> bool:
+    """Whether the model hub answers a TCP connection within a few seconds."""
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     host, port = endpoint.hostname or "huggingface.co", endpoint.port or 443
     try:
@@ -155,6 +156,23 @@ def _hub_reachable() -> bool:
             return True
     except OSError:
         return False
+
+
+def weights_cached(name: str, tag: str) -> bool:
+    """Whether open_clip's weights for `tag` are already in the local Hugging Face cache."""
+    try:
+        open_clip = _import_open_clip()
+        config = open_clip.get_pretrained_cfg(name, tag)
+        from huggingface_hub import try_to_load_from_cache
+    except Exception:  # noqa: BLE001 - unknown tag or no hub client: not cached
+        return False
+    repo = config.get("hf_hub", "").strip("/")
+    if not repo:
+        return False
+    for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        if isinstance(try_to_load_from_cache(repo, filename), str):
+            return True
+    return False
 
 
 def _force_hub_offline() -> None:

@@ -42,6 +42,9 @@ class ServerThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def stop(self, grace: float | None = None) -> None:
+        """Stop the server and its loop; calling it again does nothing."""
+        if not self._thread.is_alive():
+            return
         if self.server is not None:
             self.run(self.server.stop(grace))
         self.loop.call_soon_threadsafe(self.loop.stop)

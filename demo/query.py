@@ -1,0 +1,68 @@
+"""Query the search service from the command line and print the matches as a table.
+
+python -m demo.query --image photo.jpg [--top-k 5] [--filter articleType=Dresses]
+python -m demo.query --text "red striped t-shirt"
+python -m demo.query --id 10042
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import grpc
+
+from vpm.v1 import search_pb2, search_pb2_grpc
+
+
+def search(
+    target: str, request: search_pb2.SearchRequest, timeout_s: float = 30
+) -> search_pb2.SearchResponse:
+    channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
+    with channel:
+        return search_pb2_grpc.SearchStub(channel).Search(request, timeout=timeout_s)
+
+
+def table(response: search_pb2.SearchResponse) -> str:
+    header = f"{'#':>2}  {'score':>6}  {'id':<10} {'article type':<14} {'colour':<10} name"
+    lines = [header, "-" * len(header)]
+    for rank, match in enumerate(response.matches, 1):
+        product = match.product
+        kind = product.article_type or product.category
+        lines.append(
+            f"{rank:>2}  {match.score:6.3f}  {product.id:<10} {kind:<14} "
+            f"{product.base_colour:<10} {product.name}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m demo.query", description="Search the catalog.")
+    query = parser.add_mutually_exclusive_group(required=True)
+    query.add_argument("--image", type=Path, help="an image file")
+    query.add_argument("--text", help="a few words")
+    query.add_argument("--id", help="a product id: products like it")
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--filter", action="append", default=[], metavar="FIELD=VALUE")
+    parser.add_argument("--search", default="127.0.0.1:50052", help="the search service, host:port")
+    args = parser.parse_args(argv)
+    filters = dict(item.split("=", 1) for item in args.filter)
+    request = search_pb2.SearchRequest(top_k=args.top_k, filters=filters)
+    if args.image:
+        request.image = args.image.read_bytes()
+    elif args.text:
+        request.text = args.text
+    else:
+        request.product_id = args.id
+    try:
+        response = search(args.search, request)
+    except grpc.RpcError as error:
+        print(f"search failed: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    print(table(response))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""What a run must do: compare what is on disk with what the catalog holds.
+
+A product is skipped when its image's sha256, its metadata and the model of
+its vector all match the catalog; it is re-sent without re-encoding when only
+its metadata changed; and it is encoded when new or when its image changed.
+Identical images (same sha256) are encoded once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from indexer.sources import SourceItem
+
+logger = logging.getLogger(__name__)
+
+METADATA_FIELDS = (
+    "name", "gender", "master_category", "sub_category", "article_type",
+    "base_colour", "season", "year", "usage", "category",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What the catalog holds for one product, as far as deciding goes."""
+
+    sha256: str
+    model_id: str
+    metadata: tuple[tuple[str, str | int], ...]
+
+
+@dataclass(frozen=True)
+class Hashed:
+    item: SourceItem
+    sha256: str
+
+
+@dataclass
+class Plan:
+    encode: list[Hashed] = field(default_factory=list)
+    metadata_only: list[Hashed] = field(default_factory=list)
+    unchanged: list[Hashed] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)
+    unreadable: list[tuple[SourceItem, str]] = field(default_factory=list)
+    # sha256 -> ids sharing that image, for every hash shared by two or more products
+    duplicates: dict[str, list[str]] = field(default_factory=dict)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def normalized(metadata: Iterable[tuple[str, str | int]]) -> tuple[tuple[str, str | int], ...]:
+    """Every metadata field, defaults filled in, so disk and catalog compare field by field."""
+    values = dict(metadata)
+    return tuple((name, values.get(name, 0 if name == "year" else "")) for name in METADATA_FIELDS)
+
+
+def make_plan(
+    items: list[SourceItem],
+    stored: dict[str, Stored],
+    model_id: str,
+    prune: bool,
+    workers: int = 4,
+    on_hashed: Callable[[int], None] | None = None,
+) -> Plan:
+    plan = Plan()
+    with ThreadPoolExecutor(workers, thread_name_prefix="hash") as pool:
+        hashes = pool.map(_hash_or_error, [item.path for item in items])
+        for item, (sha256, error) in zip(items, hashes, strict=True):
+            if on_hashed:
+                on_hashed(1)
+            if error is not None:
+                plan.unreadable.append((item, error))
+                continue
+            hashed = Hashed(item, sha256)
+            before = stored.get(item.id)
+            if before is None or before.sha256 != sha256 or before.model_id != model_id:
+                plan.encode.append(hashed)
+            elif normalized(before.metadata) != normalized(item.metadata):
+                plan.metadata_only.append(hashed)
+            else:
+                plan.unchanged.append(hashed)
+    ids_by_hash: dict[str, list[str]] = {}
+    for hashed in plan.encode + plan.metadata_only + plan.unchanged:
+        ids_by_hash.setdefault(hashed.sha256, []).append(hashed.item.id)
+    plan.duplicates = {sha: ids for sha, ids in ids_by_hash.items() if len(ids) > 1}
+    if prune:
+        on_disk = {item.id for item in items}
+        plan.delete = sorted(set(stored) - on_disk)
+    return plan
+
+
+def _hash_or_error(path: Path) -> tuple[str, str | None]:
+    try:
+        return file_sha256(path), None
+    except OSError as error:
+        return "", f"cannot read: {error.strerror or error}"

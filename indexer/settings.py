@@ -1,0 +1,54 @@
+"""The indexer's settings: every flag has a VPM_INDEXER_* environment equivalent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from vpm_common.settings import check, setting
+
+ENV_PREFIX = "VPM_INDEXER_"
+
+
+@dataclass(frozen=True)
+class IndexerSettings:
+    styles: Path | None = setting(None, "fashion layout: the styles.csv file (with --images)")
+    images: Path | None = setting(
+        None, "fashion layout: the folder of <id>.jpg images (with --styles)"
+    )
+    dir: Path | None = setting(None, "any folder of images: sub-folder = category, file stem = id")
+    encoder: tuple[str, ...] = setting(
+        ("127.0.0.1:50051",), "encoder targets: host:port,host:port or dns:///name:port"
+    )
+    search: str = setting("127.0.0.1:50052", "the search service, host:port")
+    prune: bool = setting(False, "delete catalog products whose image is no longer on disk")
+    batch_size: int = setting(1000, "products per UpsertProducts call (one acknowledged batch)")
+    window: int = setting(0, "images in flight per encoder (0: twice the encoder's max batch)")
+    workers: int = setting(4, "threads hashing files")
+    dry_run: bool = setting(False, "only report what a run would do")
+    progress: str = setting("auto", "progress display", choices=("auto", "bar", "log", "off"))
+    timeout_s: float = setting(120.0, "deadline of each call to the search service")
+    stall_s: float = setting(120.0, "give up when no encoder answers for this long")
+    summary_json: Path | None = setting(None, "also write the final summary to this JSON file")
+    log_level: str = setting("INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    def __post_init__(self) -> None:
+        fashion = self.styles is not None or self.images is not None
+        check(
+            fashion != (self.dir is not None),
+            "dir",
+            "give either --styles FILE --images DIR (fashion layout) or --dir DIR (any folder)",
+        )
+        if fashion:
+            check(self.styles is not None, "styles", "--images needs --styles FILE too")
+            check(self.images is not None, "images", "--styles needs --images DIR too")
+            check(self.styles.is_file(), "styles", f"{self.styles} is not a file")
+            check(self.images.is_dir(), "images", f"{self.images} is not a folder")
+        else:
+            check(self.dir.is_dir(), "dir", f"{self.dir} is not a folder")
+        check(bool(self.encoder), "encoder", "give at least one encoder target")
+        check(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
+        check(self.window >= 0, "window", f"must be >= 0, got {self.window}")
+        check(self.workers > 0, "workers", f"must be positive, got {self.workers}")
+        check(self.timeout_s > 0, "timeout_s", "must be positive")
+        check(self.stall_s > 0, "stall_s", "must be positive")

@@ -1,0 +1,217 @@
+"""Finding a catalog on disk: the fashion layout (styles.csv + images/<id>.jpg) or any folder.
+
+Every image file is found exactly once: extensions are matched without regard
+to case (so `1.jpg` is not also counted as `1.JPG`), a file reached through
+several links is one file, and symbolic-link loops are not followed around.
+What cannot be used is reported with where it is and why, never fatal.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+STYLES_COLUMNS = (
+    "id", "gender", "masterCategory", "subCategory", "articleType",
+    "baseColour", "season", "year", "usage", "productDisplayName",
+)  # fmt: skip
+# styles.csv column -> Product field
+FIELD_OF_COLUMN = {
+    "gender": "gender",
+    "masterCategory": "master_category",
+    "subCategory": "sub_category",
+    "articleType": "article_type",
+    "baseColour": "base_colour",
+    "season": "season",
+    "usage": "usage",
+    "productDisplayName": "name",
+}
+MAX_ID_LENGTH = 256
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One product found on disk: its id, its image file, and its metadata as Product fields."""
+
+    id: str
+    path: Path
+    metadata: tuple[tuple[str, str | int], ...]  # sorted (field, value) pairs
+
+    def fields(self) -> dict[str, str | int]:
+        return dict(self.metadata)
+
+
+@dataclass
+class Discovery:
+    items: list[SourceItem] = field(default_factory=list)
+    # (where, what): malformed rows, missing or ambiguous images, duplicate ids...
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+    def problem(self, where: str, what: str) -> None:
+        self.problems.append((where, what))
+
+
+def image_files(folder: Path) -> Iterator[Path]:
+    """Image files directly in `folder`, each once, by case-insensitive extension."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
+                yield Path(entry.path)
+
+
+def _preference(path: Path) -> int:
+    return IMAGE_EXTENSIONS.index(path.suffix.lower())
+
+
+def fashion_catalog(styles: Path, images: Path) -> Discovery:
+    """Products from styles.csv whose image images/<id>.<ext> exists."""
+    found = Discovery()
+    by_stem: dict[str, list[Path]] = {}
+    for path in image_files(images):
+        by_stem.setdefault(path.stem, []).append(path)
+    seen: set[str] = set()
+    for line, row in _styles_rows(styles, found):
+        product_id = row["id"]
+        if product_id in seen:
+            found.problem(f"{styles.name}:{line}", f"duplicate id {product_id!r}; first row kept")
+            continue
+        seen.add(product_id)
+        candidates = sorted(by_stem.get(product_id, []), key=_preference)
+        if not candidates:
+            found.problem(f"{styles.name}:{line}", f"no image {product_id}.jpg in {images}")
+            continue
+        if len(candidates) > 1:
+            names = ", ".join(p.name for p in candidates)
+            found.problem(
+                str(candidates[0]), f"several images for id {product_id} ({names}); using the first"
+            )
+        found.items.append(SourceItem(product_id, candidates[0], _metadata_of_row(row)))
+    orphans = sorted(set(by_stem) - seen)
+    if orphans:
+        sample = ", ".join(orphans[:5]) + (" ..." if len(orphans) > 5 else "")
+        found.problem(
+            str(images), f"{len(orphans)} image(s) with no styles.csv row, not indexed: {sample}"
+        )
+    return found
+
+
+def _styles_rows(styles: Path, found: Discovery) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, row) for every usable row; malformed rows are reported and skipped."""
+    with styles.open(newline="", encoding="utf-8", errors="replace") as file:
+        reader = csv.reader(file)
+        header = next(reader, None)
+        if header is None:
+            found.problem(styles.name, "file is empty")
+            return
+        header = [name.strip() for name in header]
+        missing = [name for name in STYLES_COLUMNS if name not in header]
+        if missing:
+            found.problem(f"{styles.name}:1", f"header lacks column(s) {', '.join(missing)}")
+            return
+        for values in reader:
+            line = reader.line_num
+            if not any(value.strip() for value in values):
+                continue
+            if len(values) > len(header) and header[-1] == "productDisplayName":
+                # The real fashion set has unquoted commas in the last, free-text
+                # column; they belong to the name.
+                values = values[: len(header) - 1] + [",".join(values[len(header) - 1 :])]
+            if len(values) != len(header):
+                found.problem(
+                    f"{styles.name}:{line}",
+                    f"{len(values)} fields, expected {len(header)}; row skipped",
+                )
+                continue
+            row = {name: value.strip() for name, value in zip(header, values, strict=True)}
+            problem = _id_problem(row["id"])
+            if problem:
+                found.problem(f"{styles.name}:{line}", f"{problem}; row skipped")
+                continue
+            yield line, row
+
+
+def _id_problem(product_id: str) -> str | None:
+    if not product_id:
+        return "empty id"
+    if len(product_id) > MAX_ID_LENGTH:
+        return f"id longer than {MAX_ID_LENGTH} characters"
+    if "/" in product_id or "\\" in product_id or product_id in (".", ".."):
+        return f"id {product_id!r} cannot be a file name"
+    return None
+
+
+def _metadata_of_row(row: dict[str, str]) -> tuple[tuple[str, str | int], ...]:
+    values: dict[str, str | int] = {field: row[column] for column, field in FIELD_OF_COLUMN.items()}
+    year = row.get("year", "").strip()
+    values["year"] = int(float(year)) if _is_number(year) else 0
+    return tuple(sorted(values.items()))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def folder_catalog(root: Path) -> Discovery:
+    """Every image under `root`: id = file stem, category = its folder relative to root."""
+    found = Discovery()
+    first_path_of: dict[str, Path] = {}
+    for path in walk_images(root):
+        product_id = path.stem
+        problem = _id_problem(product_id)
+        if problem:
+            found.problem(str(path), problem)
+            continue
+        if product_id in first_path_of:
+            found.problem(
+                str(path), f"id {product_id!r} also at {first_path_of[product_id]}; skipped"
+            )
+            continue
+        first_path_of[product_id] = path
+        category = path.parent.relative_to(root).as_posix()
+        metadata = {
+            "name": product_id.replace("_", " "),
+            "category": "" if category == "." else category,
+        }
+        found.items.append(SourceItem(product_id, path, tuple(sorted(metadata.items()))))
+    return found
+
+
+def walk_images(root: Path) -> list[Path]:
+    """Image files under root, sorted, following links but never into a folder twice.
+
+    A file reached by several paths (links) is listed once, under its own
+    path rather than a link's when the walk finds both.
+    """
+    visited: set[tuple[int, int]] = set()
+    chosen: dict[tuple[int, int], Path] = {}
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        stat = os.stat(folder)
+        if (stat.st_dev, stat.st_ino) in visited:
+            subfolders[:] = []  # a link loop, or a second link to a folder already walked
+            continue
+        visited.add((stat.st_dev, stat.st_ino))
+        subfolders.sort()
+        for name in sorted(files):
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            path = Path(folder) / name
+            try:
+                file_stat = path.stat()
+            except OSError:
+                logger.warning("skipping %s: broken link or unreadable", path)
+                continue
+            key = (file_stat.st_dev, file_stat.st_ino)
+            if key not in chosen or (chosen[key].is_symlink() and not path.is_symlink()):
+                chosen[key] = path
+    return sorted(chosen.values())

@@ -1,0 +1,110 @@
+"""In-process tier: the indexer's encoder fleet against real encoder servers (tiny model)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexer.encoding import EncoderFleet, FleetError, Job, Outcome
+from tests import images
+from tests.support import free_port
+
+
+def write_jobs(folder: Path, count: int) -> list[Job]:
+    folder.mkdir(exist_ok=True)
+    jobs = []
+    for index in range(count):
+        path = folder / f"{index}.jpg"
+        path.write_bytes(images.jpeg(160, 120, seed=index))
+        jobs.append(Job(str(index), path))
+    return jobs
+
+
+def encode(
+    targets: list[str], jobs: list[Job], on_each=None, **options
+) -> tuple[dict[str, Outcome], dict]:
+    outcomes: dict[str, Outcome] = {}
+
+    async def main() -> dict:
+        fleet = EncoderFleet(targets, **options)
+        try:
+            await fleet.connect(timeout_s=5)
+
+            async def done(outcome: Outcome) -> None:
+                outcomes[outcome.job.key] = outcome
+                if on_each:
+                    await on_each(len(outcomes))
+
+            await fleet.encode(jobs, done)
+            return fleet.spread()
+        finally:
+            await fleet.close()
+
+    return outcomes, asyncio.run(main())
+
+
+def test_two_encoders_share_the_work_and_bad_files_fail_alone(make_encoder, tmp_path: Path) -> None:
+    first, _ = make_encoder()
+    second, _ = make_encoder()
+    jobs = write_jobs(tmp_path / "images", 60)
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    jobs.append(Job("bad", tmp_path / "bad.jpg"))
+    jobs.append(Job("missing", tmp_path / "missing.jpg"))
+    outcomes, spread = encode([first.target, second.target], jobs, window=4)
+    assert len(outcomes) == 62
+    assert "not a recognized image" in outcomes["bad"].error
+    assert "cannot read" in outcomes["missing"].error
+    for index in range(60):
+        vector = outcomes[str(index)].vector
+        assert vector is not None and vector.shape == (64,)
+        assert (
+            outcomes[str(index)].sha256
+            == __import__("hashlib").sha256(jobs[index].path.read_bytes()).hexdigest()
+        )
+    assert min(spread.values()) >= 10, spread  # both took a real share
+
+
+def test_an_unreachable_encoder_is_worked_around(make_encoder, tmp_path: Path) -> None:
+    live, _ = make_encoder()
+    dead = f"127.0.0.1:{free_port()}"
+    outcomes, spread = encode([dead, live.target], write_jobs(tmp_path / "images", 20))
+    assert all(outcome.vector is not None for outcome in outcomes.values()) and len(outcomes) == 20
+    assert spread == {dead: 0, live.target: 20}
+
+
+def test_an_encoder_that_dies_mid_run_loses_nothing(make_encoder, tmp_path: Path) -> None:
+    doomed, _ = make_encoder(max_delay_ms=30.0)
+    survivor, _ = make_encoder(max_delay_ms=30.0)
+    jobs = write_jobs(tmp_path / "images", 120)
+
+    async def kill_after_some(done_count: int) -> None:
+        if done_count == 30:
+            await asyncio.to_thread(doomed.stop, 0)
+
+    outcomes, spread = encode(
+        [doomed.target, survivor.target], jobs, on_each=kill_after_some, window=8
+    )
+    assert len(outcomes) == 120
+    assert all(outcome.vector is not None for outcome in outcomes.values()), {
+        k: o.error for k, o in outcomes.items() if o.error
+    }
+    assert spread[survivor.target] > 60
+    # The same image gives the same vector whichever encoder took it.
+    reference, _ = encode([survivor.target], jobs[:5])
+    for key in map(str, range(5)):
+        np.testing.assert_allclose(outcomes[key].vector, reference[key].vector, atol=1e-5)
+
+
+def test_encoders_of_different_models_are_refused(make_encoder) -> None:
+    one, _ = make_encoder(seed=0)
+    other, _ = make_encoder(seed=1)
+    with pytest.raises(FleetError, match="encoders disagree on the model"):
+        encode([one.target, other.target], [])
+
+
+def test_no_encoder_at_all_is_a_clear_error() -> None:
+    with pytest.raises(FleetError, match="no encoder answered within 5 s"):
+        encode([f"127.0.0.1:{free_port()}"], [])

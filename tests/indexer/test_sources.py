@@ -1,0 +1,93 @@
+"""Domain tier: finding a catalog on disk, each image once, bad rows reported not fatal."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from indexer.sources import STYLES_COLUMNS, fashion_catalog, folder_catalog
+from tests import images
+
+HEADER = ",".join(STYLES_COLUMNS) + "\n"
+
+
+def write_styles(path: Path, rows: list[str]) -> Path:
+    path.write_text(HEADER + "".join(row + "\n" for row in rows))
+    return path
+
+
+def test_fashion_layout_reads_rows_and_reports_bad_ones(tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("1.jpg", "2.JPG", "3.jpeg", "5.jpg", "9.jpg"):
+        (folder / name).write_bytes(images.jpeg(32, 32, seed=len(name)))
+    (folder / "notes.txt").write_text("not an image")
+    styles = write_styles(
+        tmp_path / "styles.csv",
+        [
+            "1,Men,Apparel,Topwear,Tshirts,Navy Blue,Fall,2011.0,Casual,Turtle Check Men Shirt",
+            "2,Women,Footwear,Shoes,Heels,Black,Summer,,Casual,Heels, with, commas in the name",
+            "3,Men,Apparel,Topwear,Tshirts,White",  # too few fields
+            ",Men,Apparel,Topwear,Tshirts,White,Fall,2012,Casual,No id",
+            "4,Men,Apparel,Topwear,Tshirts,White,Fall,2012,Casual,No image on disk",
+            "5,Men,Apparel,Topwear,Tshirts,Red,Fall,2012,Casual,Five",
+            "5,Men,Apparel,Topwear,Tshirts,Red,Fall,2012,Casual,Five again",
+        ],
+    )
+    found = fashion_catalog(styles, folder)
+    by_id = {item.id: item for item in found.items}
+    assert sorted(by_id) == ["1", "2", "5"]
+    assert by_id["1"].fields()["year"] == 2011 and by_id["1"].fields()["base_colour"] == "Navy Blue"
+    assert by_id["2"].path.name == "2.JPG"
+    assert by_id["2"].fields()["name"] == "Heels, with, commas in the name"
+    assert by_id["2"].fields()["year"] == 0
+    problems = dict(found.problems)
+    assert "6 fields, expected 10" in problems["styles.csv:4"]
+    assert "empty id" in problems["styles.csv:5"]
+    assert "no image 4.jpg" in problems["styles.csv:6"]
+    assert "duplicate id '5'" in problems["styles.csv:8"]
+    # 3's row was malformed, 9 has none: neither is indexed, both are named.
+    assert "2 image(s) with no styles.csv row, not indexed: 3, 9" in problems[str(folder)]
+
+
+def test_case_insensitive_extensions_never_count_a_file_twice(tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(50):
+        suffix = (".jpg", ".JPG", ".Jpeg", ".png")[index % 4]
+        (folder / f"{index}{suffix}").write_bytes(b"x")
+    styles = write_styles(
+        tmp_path / "styles.csv", [f"{i},Men,A,B,C,Red,Fall,2012,Casual,P{i}" for i in range(50)]
+    )
+    found = fashion_catalog(styles, folder)
+    assert len(found.items) == 50 and not found.problems
+
+
+def test_several_files_for_one_id_are_reported_and_jpg_preferred(tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "7.png").write_bytes(b"x")
+    (folder / "7.jpg").write_bytes(b"x")
+    found = fashion_catalog(
+        write_styles(tmp_path / "s.csv", ["7,Men,A,B,C,Red,Fall,2012,Casual,P"]), folder
+    )
+    assert [item.path.name for item in found.items] == ["7.jpg"]
+    assert "several images for id 7" in found.problems[0][1]
+
+
+def test_folder_layout_follows_links_once_and_survives_loops(tmp_path: Path) -> None:
+    root = tmp_path / "catalog"
+    (root / "shoes" / "sneakers").mkdir(parents=True)
+    (root / "bags").mkdir()
+    (root / "shoes" / "a1.jpg").write_bytes(b"x")
+    (root / "shoes" / "sneakers" / "a2.PNG").write_bytes(b"x")
+    (root / "bags" / "b1.webp").write_bytes(b"x")
+    (root / "top.jpg").write_bytes(b"x")
+    (root / "bags" / "readme.md").write_text("no")
+    os.symlink(root, root / "bags" / "loop")  # a loop back to the top
+    os.symlink(root / "shoes" / "a1.jpg", root / "bags" / "a1-link.jpg")  # the same file again
+    (root / "bags" / "a2.jpg").write_bytes(b"y")  # same id as shoes/sneakers/a2.PNG
+    found = folder_catalog(root)
+    categories = {item.id: item.fields()["category"] for item in found.items}
+    assert categories == {"b1": "bags", "a2": "bags", "a1": "shoes", "top": ""}
+    assert any("id 'a2' also at" in what for _, what in found.problems)
