@@ -3,7 +3,9 @@
 This is the domain object behind the gRPC servicer and knows nothing of gRPC.
 Work is admitted up to a fixed number of items in flight (decode + queue +
 inference); beyond that, callers get ResourceExhausted at once instead of
-the server growing without bound.
+the server growing without bound. With `device_decode`, worker threads only
+read JPEG headers (and decode what the device cannot) and the batches are
+decoded and preprocessed on the model's device (encoder_service.device_batches).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from encoder_service.batcher import BatchQueue, Caller, DynamicBatcher
+from encoder_service.cuda_graphs import batch_buckets
 from encoder_service.images import ImageLimits, ImagePreprocessor
 from encoder_service.metrics import EncoderMetrics
 from encoder_service.model import LoadedModel
@@ -40,6 +43,10 @@ class EngineConfig:
     limits: ImageLimits = ImageLimits()
     max_texts: int = 1024
     max_text_bytes: int = 16 * 1024
+    # Decode and preprocess image batches on the runtime's device (a TorchRuntime).
+    device_decode: bool = False
+    # With device_decode: batches launched on the device and not yet finished.
+    device_in_flight: int = 2
 
 
 @dataclass(frozen=True)
@@ -90,15 +97,32 @@ class EncoderEngine:
             context_length=loaded.context_length,
             random_weights=loaded.random_weights,
         )
+        self._device_images = self._device_path(loaded) if config.device_decode else None
+        run_images = self._run_images if self._device_images is None else self._device_images.run
         self._workers = ThreadPoolExecutor(config.workers, thread_name_prefix="decode")
         self._batcher = DynamicBatcher(
-            [BatchQueue("image", self._run_images), BatchQueue("text", self._run_texts)],
+            [BatchQueue("image", run_images), BatchQueue("text", self._run_texts)],
             max_batch=config.max_batch,
             max_delay_s=config.max_delay_s,
             observer=self.metrics,
         )
         self._admitted = 0
         self._admit_lock = threading.Lock()
+
+    def _device_path(self, loaded: LoadedModel) -> Any:
+        from encoder_service.device_batches import DeviceImageBatches
+        from encoder_service.gpu_pipeline import TensorImagePipeline, TensorTransform
+
+        runtime = self.runtime
+        if not hasattr(runtime, "encode_images_on_device"):
+            raise ValueError(f"decoding on the device needs the torch runtime, not {runtime.name}")
+        pipeline = TensorImagePipeline(
+            TensorTransform.from_preprocess(loaded.preprocess),
+            self.config.limits,
+            runtime.device,
+            runtime.input_dtype,
+        )
+        return DeviceImageBatches(pipeline, runtime, self.metrics, self.config.device_in_flight)
 
     # -- images ------------------------------------------------------------------
 
@@ -114,6 +138,8 @@ class EncoderEngine:
     def _decode(self, data: bytes, caller: Caller) -> Any:
         if caller.gone:
             raise Cancelled("the caller cancelled")
+        if self._device_images is not None:
+            return self._device_images.admit(data)
         pixels, timings = self._preprocess(data)
         self.metrics.stage_seconds.labels("decode").observe(timings.decode_s)
         self.metrics.stage_seconds.labels("preprocess").observe(timings.preprocess_s)
@@ -209,14 +235,23 @@ class EncoderEngine:
         with self._admit_lock:
             return self._admitted
 
+    def warm_up_batch_sizes(self) -> list[int]:
+        """A full batch and a single item; on a GPU every size bucket, as first calls are slow."""
+        if self.runtime.device.startswith("cuda"):
+            return sorted(batch_buckets(self.config.max_batch), reverse=True)
+        return sorted({self.config.max_batch, 1}, reverse=True)
+
     def warm_up(self) -> float:
-        """Run a full batch and a single item through both towers; returns seconds taken."""
+        """Run the warm-up batch sizes through the image path and one text; returns seconds."""
         import torch
 
         started = time.perf_counter()
         size = self._image_size
-        for count in (self.config.max_batch, 1):
-            self.runtime.encode_images(torch.zeros(count, 3, size, size))
+        if self._device_images is not None:
+            self._device_images.warm_up(self.warm_up_batch_sizes())
+        else:
+            for count in self.warm_up_batch_sizes():
+                self.runtime.encode_images(torch.zeros(count, 3, size, size))
         self.runtime.encode_texts(self._tokenizer(["a photo of a product"]))
         return time.perf_counter() - started
 
@@ -224,6 +259,8 @@ class EncoderEngine:
         """Finish (drain) or fail what is queued, then stop the threads and the runtime."""
         self._workers.shutdown(wait=drain, cancel_futures=not drain)
         self._batcher.close(drain=drain)
+        if self._device_images is not None:
+            self._device_images.close()
         self.runtime.close()
 
 
@@ -252,6 +289,9 @@ def _chain(source: Future, target: Future) -> None:
             _settle(target, error=Cancelled("cancelled"))
         elif done.exception() is not None:
             _settle(target, error=done.exception())
+        elif isinstance(done.result(), Future):
+            # A device batch answers at launch with a future per item (device_batches).
+            _chain(done.result(), target)
         else:
             _settle(target, result=done.result())
 

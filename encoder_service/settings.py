@@ -30,6 +30,21 @@ class EncoderSettings:
         "inference precision: auto is float16 on cuda, float32 on cpu",
         choices=("auto", "float32", "float16", "bfloat16"),
     )
+    decode: str = setting(
+        "auto",
+        "where images are decoded and preprocessed: gpu = a batch at a time on the model's "
+        "device (nvJPEG on cuda; the same tensor code on cpu with --runtime torch), "
+        "cpu = Pillow in worker threads; auto = gpu when the torch runtime runs on cuda",
+        choices=("auto", "cpu", "gpu"),
+    )
+    device_batches: int = setting(
+        2,
+        "with --decode gpu, image batches on the device at once: 2 decodes the next batch "
+        "while the model runs one, 1 runs them in turn",
+    )
+    cuda_graphs: bool = setting(
+        False, "replay the image tower as CUDA graphs at fixed batch sizes (torch on cuda)"
+    )
     max_batch: int = setting(0, "largest inference batch (0: 8 on cpu, 256 on cuda)")
     max_delay_ms: float = setting(5.0, "longest wait for a batch to fill before it runs")
     workers: int = setting(0, "image decode threads (0: one per core, at most 8)")
@@ -60,6 +75,11 @@ class EncoderSettings:
             0 <= self.max_delay_ms <= 10_000,
             "max_delay_ms",
             f"must be 0..10000, got {self.max_delay_ms}",
+        )
+        check(
+            1 <= self.device_batches <= 8,
+            "device_batches",
+            f"must be 1..8, got {self.device_batches}",
         )
         check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
         check(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")

@@ -1,0 +1,178 @@
+"""Image batches decoded, preprocessed and encoded on the model's device, one overlapping the next.
+
+The batcher's inference thread launches a batch (device decode, preprocess,
+the model, unit-normalization and a non-blocking copy of the vectors into
+pinned host memory) and returns at once with one future per item; a finishing
+thread waits for that copy and settles the futures. So while the GPU runs the
+model on batch N, the inference thread already decodes batch N+1 (nvJPEG has
+its own stream and, on A100/H100, its own hardware). `in_flight` bounds the
+batches launched and not yet finished; 1 runs them strictly in turn.
+
+Stage metrics: "decode" and "preprocess" are observed once per batch for the
+device work (the time the whole batch took), and once per item for images
+Pillow decoded in a worker thread.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from encoder_service.gpu_pipeline import CpuPixels, JpegRecord, TensorImagePipeline
+from encoder_service.metrics import EncoderMetrics
+from encoder_service.runtimes import TorchRuntime
+from vpm_common.errors import VpmError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Launched:
+    """A batch on its way: where its vectors will land, and how to know they have."""
+
+    size: int
+    kept: list[int]
+    errors: dict[int, VpmError]
+    host: Any  # float32 (len(kept), D), filled once `done` is reached
+    marks: tuple[Any, Any, Any]  # before preprocess, after preprocess, after the copy
+    decode_s: float
+
+
+class DeviceImageBatches:
+    """The engine's image path when images are decoded on the model's device."""
+
+    def __init__(
+        self,
+        pipeline: TensorImagePipeline,
+        runtime: TorchRuntime,
+        metrics: EncoderMetrics,
+        in_flight: int = 2,
+    ) -> None:
+        import torch
+
+        self._torch = torch
+        self.pipeline = pipeline
+        self._runtime = runtime
+        self._metrics = metrics
+        self._cuda = runtime.device.startswith("cuda")
+        self._slots = threading.BoundedSemaphore(in_flight)
+        self._finisher = ThreadPoolExecutor(1, thread_name_prefix="device-finish")
+        self._observe = True
+
+    def admit(self, data: bytes) -> JpegRecord | CpuPixels:
+        """Worker threads: route one image (InvalidArgument for a bad one, as on the CPU path)."""
+        payload, timings = self.pipeline.admit(data)
+        if self._observe and isinstance(payload, CpuPixels):
+            self._metrics.stage_seconds.labels("decode").observe(timings.decode_s)
+            self._metrics.stage_seconds.labels("preprocess").observe(timings.preprocess_s)
+        return payload
+
+    def run(self, payloads: list[JpegRecord | CpuPixels]) -> list[Future]:
+        """The batcher's batch function: launch, and return one future per item at once."""
+        self._slots.acquire()
+        try:
+            launched = self._launch(payloads)
+            futures = [Future() for _ in payloads]
+            self._finisher.submit(self._finish, launched, futures)
+        except BaseException:
+            self._slots.release()
+            raise
+        return futures
+
+    def _launch(self, payloads: list[JpegRecord | CpuPixels]) -> _Launched:
+        torch = self._torch
+        started = time.perf_counter()
+        images, errors = self.pipeline.decode(payloads)
+        decode_s = time.perf_counter() - started
+        kept = [index for index in range(len(payloads)) if index not in errors]
+        before = self._mark()
+        if kept:
+            pixels = self.pipeline.preprocess([images[index] for index in kept])
+            preprocessed = self._mark()
+            features = self._runtime.encode_images_on_device(pixels)
+            unit = torch.nn.functional.normalize(features.float(), dim=1)
+            host = torch.empty(unit.shape, dtype=torch.float32, pin_memory=self._cuda)
+            host.copy_(unit, non_blocking=True)
+        else:
+            preprocessed = before
+            host = torch.empty((0, 0), dtype=torch.float32)
+        return _Launched(
+            len(payloads), kept, errors, host, (before, preprocessed, self._mark()), decode_s
+        )
+
+    def _mark(self) -> Any:
+        """A point on the device's timeline: a CUDA event there, the host clock on the CPU."""
+        if not self._cuda:
+            return time.perf_counter()
+        event = self._torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _seconds(self, start: Any, end: Any) -> float:
+        return start.elapsed_time(end) / 1000 if self._cuda else end - start
+
+    def _finish(self, launched: _Launched, futures: list[Future]) -> None:
+        """The finishing thread: wait for the batch's copy, then settle each item's future."""
+        try:
+            before, preprocessed, done = launched.marks
+            if self._cuda:
+                done.synchronize()
+            rows = np.array(launched.host.numpy(), dtype=np.float32)
+            if self._observe:
+                stage = self._metrics.stage_seconds
+                stage.labels("decode").observe(launched.decode_s)
+                stage.labels("preprocess").observe(self._seconds(before, preprocessed))
+            outcomes: dict[int, Any] = dict(launched.errors)
+            outcomes.update(zip(launched.kept, rows, strict=True))
+            for index, future in enumerate(futures):
+                outcome = outcomes[index]
+                if isinstance(outcome, VpmError):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+        except BaseException as error:  # noqa: BLE001 - every waiting caller must hear of it
+            logger.exception("finishing an image batch of %d failed", launched.size)
+            for future in futures:
+                if not future.done():
+                    future.set_exception(error)
+        finally:
+            self._slots.release()
+
+    def warm_up(self, batch_sizes: list[int]) -> None:
+        """Run every batch size once (device decoder, resize kernels, model), unobserved."""
+        self._observe = False
+        try:
+            jpeg, png = _sample_images()
+            for size in batch_sizes:
+                payloads = [self.admit(jpeg) for _ in range(size)]
+                if size > 1:
+                    payloads[-1] = self.admit(png)
+                for future in self.run(payloads):
+                    future.result()
+        finally:
+            self._observe = True
+
+    def close(self) -> None:
+        """Wait for launched batches to finish."""
+        self._finisher.shutdown(wait=True)
+
+
+def _sample_images() -> tuple[bytes, bytes]:
+    """A 640x480 JPEG (the device path) and a small PNG (the Pillow path)."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:480, 0:640]
+    pixels = np.stack([x * 255 // 639, y * 255 // 479, (x + y) % 256], axis=-1).astype(np.uint8)
+    files = []
+    for image, fmt in ((pixels, "JPEG"), (pixels[:64, :48], "PNG")):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, fmt)
+        files.append(buffer.getvalue())
+    return files[0], files[1]
