@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -162,34 +162,44 @@ class RunningSearch:
     engine: SearchEngine
     channel: grpc.Channel
     stub: search_pb2_grpc.SearchStub
+    products: list[Product] = field(default_factory=list)
+    vectors: np.ndarray | None = None
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.thread.stop(0)
+
+
+def serve_engine(
+    engine: SearchEngine, encoders: tuple[str, ...] = (), timeout_s: float = 10.0
+) -> RunningSearch:
+    """A real search server in-process on a free port, over a loaded engine."""
+    settings = SearchSettings(host="127.0.0.1", port=0, metrics_port=0, encoder=encoders)
+
+    async def build():  # noqa: ANN202 - ServerThread's builder
+        # As in main: the encoder pool's channels belong to the serving event loop.
+        if encoders:
+            engine.embedder = QueryEmbedder(EncoderPool(encoders, timeout_s=timeout_s))
+        return await create_server(settings, SearchApp(engine))
+
+    thread = ServerThread(build)
+    thread.start()
+    channel = grpc.insecure_channel(thread.target)
+    return RunningSearch(thread, engine, channel, search_pb2_grpc.SearchStub(channel))
 
 
 @pytest.fixture
 def start_search() -> Iterator[Callable[..., RunningSearch]]:
-    """Factory: a real in-process search server over a loaded engine; stopped after the test."""
+    """Factory: serve_engine(...); every server it started is stopped after the test."""
     running: list[RunningSearch] = []
 
-    def make(
-        engine: SearchEngine, encoders: tuple[str, ...] = (), timeout_s: float = 10.0
-    ) -> RunningSearch:
-        settings = SearchSettings(host="127.0.0.1", port=0, metrics_port=0, encoder=encoders)
-
-        async def build():  # noqa: ANN202 - ServerThread's builder
-            # As in main: the encoder pool's channels belong to the serving event loop.
-            if encoders:
-                engine.embedder = QueryEmbedder(EncoderPool(encoders, timeout_s=timeout_s))
-            return await create_server(settings, SearchApp(engine))
-
-        thread = ServerThread(build)
-        thread.start()
-        channel = grpc.insecure_channel(thread.target)
-        running.append(RunningSearch(thread, engine, channel, search_pb2_grpc.SearchStub(channel)))
+    def make(engine: SearchEngine, **options: object) -> RunningSearch:
+        running.append(serve_engine(engine, **options))
         return running[-1]
 
     yield make
     for item in running:
-        item.channel.close()
-        item.thread.stop(0)
+        item.stop()
 
 
 @pytest.fixture
@@ -197,11 +207,12 @@ def fake_encoders() -> Iterator[Callable[..., tuple[FakeEncoder, ServerThread]]]
     """Factory: a FakeEncoder served in-process on a free port; stopped after the test."""
     started: list[ServerThread] = []
 
-    def make(**options: object) -> tuple[FakeEncoder, ServerThread]:
+    def make(port: int = 0, **options: object) -> tuple[FakeEncoder, ServerThread]:
         fake = FakeEncoder(**options)
-        started.append(start_fake_encoder(fake))
+        started.append(start_fake_encoder(fake, port))
         return fake, started[-1]
 
     yield make
     for thread in started:
-        thread.stop(0)
+        if thread.server is not None:
+            thread.stop(0)

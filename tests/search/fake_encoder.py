@@ -100,15 +100,15 @@ class FakeEncoder(encoder_pb2_grpc.EncoderServicer):
         )
 
 
-def start_fake_encoder(fake: FakeEncoder) -> ServerThread:
-    """A real grpc.aio server on a free port serving `fake`, with health SERVING."""
+def start_fake_encoder(fake: FakeEncoder, port: int = 0) -> ServerThread:
+    """A real grpc.aio server serving `fake` on `port` (0: a free one), health SERVING."""
 
     async def build() -> tuple[aio.Server, int]:
         server = aio.server()
         encoder_pb2_grpc.add_EncoderServicer_to_server(fake, server)
         health = add_health_and_reflection(server, [SERVICE_NAME])
         await set_serving(health, [SERVICE_NAME], True)
-        return server, server.add_insecure_port("127.0.0.1:0")
+        return server, server.add_insecure_port(f"127.0.0.1:{port}")
 
     thread = ServerThread(build)
     thread.start()

@@ -1,0 +1,144 @@
+"""The encoder client (vpm_common.encoder_pool) against FakeEncoder servers: spread, retries."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from tests.search.fake_encoder import fake_vector
+from tests.support import free_port
+from vpm_common.encoder_pool import EncoderPool
+from vpm_common.errors import DeadlineExceeded, Unavailable
+
+
+def run_with_pool(targets: list[str], work: Callable, **options: object):
+    """Run `work(pool)` on a fresh event loop; the pool's channels belong to that loop."""
+
+    async def main():
+        pool = EncoderPool(targets, **options)
+        try:
+            return await work(pool)
+        finally:
+            await pool.close()
+
+    return asyncio.run(main())
+
+
+def test_calls_go_round_robin(fake_encoders: Callable) -> None:
+    (a, server_a), (b, server_b) = fake_encoders(), fake_encoders()
+
+    async def work(pool: EncoderPool):
+        for i in range(10):
+            [item] = await pool.encode_texts([f"text {i}"])
+            np.testing.assert_allclose(
+                item.vector, fake_vector(f"text {i}".encode(), 16), rtol=1e-6
+            )
+        return pool.targets
+
+    assert run_with_pool([server_a.target, server_b.target], work) == [
+        server_a.target,
+        server_b.target,
+    ]
+    assert (a.calls, b.calls) == (5, 5)
+
+
+def test_images_come_back_in_order_with_per_item_errors(fake_encoders: Callable) -> None:
+    fake, server = fake_encoders(dim=8, model_id="m1")
+    items = [("x", b"one"), ("x", b"not an image!"), ("y", b"three")]
+
+    async def work(pool: EncoderPool):
+        return await pool.encode_images(items)
+
+    results = run_with_pool([server.target], work)
+    assert [r.id for r in results] == ["x", "x", "y"]
+    np.testing.assert_allclose(results[0].vector, fake_vector(b"one", 8), rtol=1e-6)
+    assert (results[1].vector, results[1].code) == (None, 3)
+    assert results[1].message == "image data is truncated or corrupt"
+    assert {r.model_id for r in results} == {"m1"}
+
+
+def test_unavailable_is_retried_on_another_target(fake_encoders: Callable) -> None:
+    (a, server_a), (b, server_b) = fake_encoders(), fake_encoders()
+    a.unavailable_calls = 3
+
+    async def work(pool: EncoderPool):
+        return [await pool.encode_texts(["hi"]) for _ in range(4)]
+
+    results = run_with_pool([server_a.target, server_b.target], work, backoff_s=0.01)
+    assert all(r[0].vector is not None for r in results)
+    assert b.calls >= 3
+
+
+def test_refused_items_are_sent_again(fake_encoders: Callable) -> None:
+    fake, server = fake_encoders()
+    fake.exhausted_items = 4
+    items = [(str(i), b"img%d" % i) for i in range(10)]
+
+    async def work(pool: EncoderPool):
+        return await pool.encode_images(items)
+
+    results = run_with_pool([server.target], work, backoff_s=0.01)
+    assert [r.id for r in results] == [str(i) for i in range(10)]
+    assert all(r.vector is not None for r in results)
+    assert fake.calls == 2
+
+
+def test_no_encoder_answering_is_unavailable_quickly() -> None:
+    targets = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+
+    async def work(pool: EncoderPool):
+        with pytest.raises(Unavailable) as caught:
+            await pool.encode_texts(["hi"])
+        results = await pool.encode_images([("a", b"x")])
+        return caught.value.message, results
+
+    started = time.monotonic()
+    message, results = run_with_pool(targets, work, backoff_s=0.01, timeout_s=5)
+    assert time.monotonic() - started < 4
+    assert message.startswith("no encoder answered (127.0.0.1:")
+    assert "UNAVAILABLE" in message
+    assert results[0].vector is None and results[0].code == 14
+
+
+def test_deadline_is_honoured(fake_encoders: Callable) -> None:
+    fake, server = fake_encoders()
+
+    async def work(pool: EncoderPool):
+        await pool.model_info()  # cached, so only the slow call remains
+        fake.delay_s = 2.0
+        with pytest.raises(DeadlineExceeded):
+            await pool.encode_texts(["slow"], timeout_s=0.3)
+
+    started = time.monotonic()
+    run_with_pool([server.target], work)
+    assert time.monotonic() - started < 1.9
+
+
+def test_status_reports_each_target_and_a_returning_encoder_is_used(
+    fake_encoders: Callable,
+) -> None:
+    live, live_server = fake_encoders(model_id="m-live")
+    port = free_port()
+    dead_target = f"127.0.0.1:{port}"
+
+    async def work(pool: EncoderPool):
+        first = await pool.status()
+        await pool.encode_texts(["a"])
+        returned, _ = fake_encoders(port=port, model_id="m-live")
+        await asyncio.sleep(0.5)  # past the client's reconnect backoff
+        for _ in range(6):
+            await pool.encode_texts(["b"])
+        second = await pool.status()
+        return first, second, returned
+
+    first, second, returned = run_with_pool([live_server.target, dead_target], work, backoff_s=0.01)
+    assert [(s.target, s.state, s.model_id) for s in first] == [
+        (live_server.target, "SERVING", "m-live"),
+        (dead_target, "UNREACHABLE", ""),
+    ]
+    assert [s.state for s in second] == ["SERVING", "SERVING"]
+    assert returned.calls >= 2  # traffic came back to it
