@@ -7,12 +7,20 @@ Tests talk to it with ordinary synchronous clients on the port it bound
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
 from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 T = TypeVar("T")
 
@@ -68,3 +76,96 @@ def call_all(fn: Callable[..., Any], args: list[Any], threads: int) -> list[Any]
 
     with ThreadPoolExecutor(threads) as pool:
         return list(pool.map(fn, args))
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ServiceProcess:
+    """A real `python -m <module>` process, started the way a user starts it, output to a log."""
+
+    def __init__(
+        self, module: str, args: list[str], log_path: Path, env: dict[str, str] | None = None
+    ):
+        self.module = module
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_serving(self, target: str, service: str, timeout_s: float = 120) -> None:
+        stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"{self.module} exited ({self.process.returncode}):\n{self.output[-3000:]}"
+                )
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(
+            f"{self.module} at {target} not SERVING after {timeout_s} s:\n{self.output[-3000:]}"
+        )
+
+    def kill(self) -> None:
+        """kill -9: no cleanup of any kind, like a crash or an OOM kill."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+        self._log.close()
+
+    def stop(self, timeout_s: float = 30) -> int:
+        """SIGTERM, then wait; kill -9 if it does not exit in time. Returns the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self._log.close()
+        return self.process.returncode
+
+
+def start_encoder_process(
+    port: int, log_path: Path, cache_dir: Path, *extra: str
+) -> ServiceProcess:
+    """The tiny-model encoder as a real process on `port`, SERVING when this returns."""
+    process = ServiceProcess(
+        "encoder_service",
+        ["--model", "VPM-Tiny", "--pretrained", "none", "--port", str(port), "--metrics-port", "0",
+         "--cache-dir", str(cache_dir), *extra],
+        log_path,
+    )  # fmt: skip
+    process.wait_serving(f"127.0.0.1:{port}", "vpm.v1.Encoder")
+    return process
+
+
+def start_search_process(
+    port: int, data_dir: Path, encoders: list[str], *extra: str
+) -> ServiceProcess:
+    """The search service as a real process on `port` with a SQLite catalog in data_dir."""
+    process = ServiceProcess(
+        "search_service",
+        ["--port", str(port), "--data-dir", str(data_dir),
+         "--catalog-url", f"sqlite:///{data_dir}/catalog.db",
+         "--encoder", ",".join(encoders), "--metrics-port", "0", *extra],
+        data_dir / "search.log",
+    )  # fmt: skip
+    process.wait_serving(f"127.0.0.1:{port}", "vpm.v1.Search")
+    return process

@@ -117,6 +117,8 @@ def load_settings(
         default = field.default if field.default is not dataclasses.MISSING else None
         if typing.get_origin(hints[field.name]) is tuple and default is not None:
             default = ",".join(default)
+        # A bare boolean flag (--prune) means true; --prune false also works.
+        switch = {"nargs": "?", "const": True} if hints[field.name] is bool else {}
         parser.add_argument(
             flag_name(field),
             dest=field.name,
@@ -124,6 +126,7 @@ def load_settings(
             choices=choices,
             default=argparse.SUPPRESS,
             help=f"{field.metadata.get('help', '')} [env {env}; default: {default}]",
+            **switch,
         )
     values.update(vars(parser.parse_args(argv)))
     for field in dataclasses.fields(cls):

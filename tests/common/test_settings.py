@@ -41,6 +41,8 @@ def test_defaults_environment_and_flags_in_that_order() -> None:
     )
     settings = load_settings(Example, "X_", ["--port", "9", "--path", "/tmp/x"], env)
     assert (settings.port, settings.path) == (9, Path("/tmp/x"))
+    assert load_settings(Example, "X_", ["--verbose"], {}).verbose is True
+    assert load_settings(Example, "X_", ["--verbose", "false"], env).verbose is False
 
 
 def test_a_bad_environment_value_names_the_variable() -> None:
