@@ -216,3 +216,12 @@ def fake_encoders() -> Iterator[Callable[..., tuple[FakeEncoder, ServerThread]]]
     for thread in started:
         if thread.server is not None:
             thread.stop(0)
+
+
+@pytest.fixture
+def real_encoder(request: pytest.FixtureRequest) -> ServerThread:
+    """The real encoder service (tiny model) from tests/conftest.py's `encoder_server`."""
+    try:
+        return request.getfixturevalue("encoder_server")
+    except pytest.FixtureLookupError:
+        pytest.skip("tests/conftest.py provides no encoder_server fixture yet")
