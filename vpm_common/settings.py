@@ -173,3 +173,21 @@ def check(condition: bool, field_name: str, message: str) -> None:
     """Validation helper for __post_init__: raise SettingsError('field_name: message')."""
     if not condition:
         raise SettingsError(f"{field_name}: {message}")
+
+
+def markdown_table(cls: type, prefix: str) -> str:
+    """The settings of `cls` as a Markdown table (flag, environment variable, default, meaning)."""
+    lines = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
+    for field in dataclasses.fields(cls):
+        default = field.default
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        if isinstance(default, Path) and default.is_relative_to(Path.home()):
+            default = "~/" + default.relative_to(Path.home()).as_posix()
+        shown = "" if default is None else "(empty)" if default == "" else f"`{default}`"
+        meaning = field.metadata.get("help", "").replace("|", "\\|")
+        if field.metadata.get("choices"):
+            meaning += f" ({' / '.join(field.metadata['choices'])})"
+        keys = f"`{flag_name(field)}` | `{env_name(field, prefix)}`"
+        lines.append(f"| {keys} | {shown} | {meaning} |")
+    return "\n".join(lines)
