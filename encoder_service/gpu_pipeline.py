@@ -150,6 +150,8 @@ class TensorImagePipeline:
         self.dtype = dtype
         self._decode_jpegs = decode_jpegs
         self._pin = device.startswith("cuda")
+        # The decoder's outputs come from this stream's memory pool (see _device_decode).
+        self._decode_stream = torch.cuda.Stream(device) if self._pin else None
         std = torch.tensor(transform.std, dtype=torch.float32)
         mean = torch.tensor(transform.mean, dtype=torch.float32)
         # (x / 255 - mean) / std as one multiply-add on 0..255 values.
@@ -211,7 +213,7 @@ class TensorImagePipeline:
     def _decode_or_split(self, records: list[JpegRecord]) -> list[tuple[Any, int] | VpmError]:
         """One decoder call for all; when it refuses, halves, down to Pillow for the culprit."""
         try:
-            decoded = self._decode_jpegs([r.encoded for r in records], self.device)
+            decoded = self._device_decode([r.encoded for r in records])
         except RuntimeError as error:  # the decoder gives no partial results
             if len(records) > 1:
                 middle = len(records) // 2
@@ -224,6 +226,25 @@ class TensorImagePipeline:
             (image, record.header.orientation)
             for image, record in zip(decoded, records, strict=True)
         ]
+
+    def _device_decode(self, encoded: list[Any]) -> list[Any]:
+        """The decoder call; on CUDA its outputs are allocated on a stream of their own.
+
+        nvJPEG writes on its own stream without waiting for ours. Allocated on
+        the main stream, its outputs could take memory that the previous
+        batch's model, still running there, has just released; from a separate
+        pool, marked as used by the main stream, they cannot.
+        """
+        if self._decode_stream is None:
+            return self._decode_jpegs(encoded, self.device)
+        torch = self._torch
+        main = torch.cuda.current_stream()
+        with torch.cuda.stream(self._decode_stream):
+            images = self._decode_jpegs(encoded, self.device)
+        main.wait_stream(self._decode_stream)
+        for image in images:
+            image.record_stream(main)
+        return images
 
     def _decode_with_pillow(self, record: JpegRecord) -> tuple[Any, int] | VpmError:
         try:
@@ -250,9 +271,18 @@ class TensorImagePipeline:
                 batch = torch.stack([images[row][0] for row in chunk])
                 if orientation != FINAL:
                     batch = self._resize_crop(upright(batch, orientation))
-                index = torch.tensor(chunk, device=self.device)
-                out.index_copy_(0, index, self._normalize(batch))
+                self._put(out, chunk, self._normalize(batch))
         return out
+
+    def _put(self, out: Any, rows: list[int], values: Any) -> None:
+        """out[rows] = values, without a host sync (a CUDA index tensor made from a list syncs)."""
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            out[rows[0] : rows[0] + len(rows)] = values
+            return
+        index = self._torch.tensor(rows)
+        if self._pin:
+            index = index.pin_memory()
+        out.index_copy_(0, index.to(self.device, non_blocking=True), values)
 
     def _resize_crop(self, batch: Any) -> Any:
         """uint8 (N, 3, H, W) -> float32 (N, 3, crop) with values 0..255, as Pillow would give."""
