@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU benchmark of issue 7, in one run, on a machine with an NVIDIA GPU and no internet.
+#
+# The machine brings Python 3.12 and its own PyTorch stack; the rest comes as wheels in
+# .whl/ (made here by bench/gpu_wheels.sh), installed into /tmp/site. The protobuf code is
+# generated if vpm/ is absent. Figures are printed, and written to $OUT/gpu.json when OUT
+# is set. Without a GPU it runs a smoke version and exits 0.
+#
+#   bash bench/gpu.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python="${PYTHON:-python3}"
+site=/tmp/site
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target "$site" .whl/*.whl
+else
+    echo "gpu.sh: no wheels in .whl/ (bash bench/gpu_wheels.sh makes them); using what is installed"
+fi
+export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ ! -f vpm/v1/encoder_pb2_grpc.py ]; then
+    "$python" -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. \
+        protos/vpm/v1/*.proto
+fi
+
+if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+else
+    echo "nvidia-smi: not found"
+fi
+exec "$python" -m bench.gpu_bench

@@ -1,0 +1,661 @@
+"""GPU benchmark (issue 7): the model, the device pipeline, the engine and the service, one run.
+
+Meant for bench/gpu.sh on a machine with an NVIDIA GPU: ViT-B-32 (seeded random
+weights: the arithmetic of trained ones), 640x480 JPEGs. Sections:
+
+  model only     images/s by batch size and precision (fp16/bf16 cast, fp16 autocast,
+                 fp32), CUDA graphs at small batches, torch.compile at one batch
+  device path    nvJPEG decode, resize/normalize and the model on one batch, apart;
+                 and Pillow decode + preprocess on every core, for comparison
+  engine         EncoderEngine without gRPC: --decode cpu vs gpu (1 or 2 batches in flight)
+  service        JPEG bytes over gRPC from several client processes: --decode cpu vs gpu
+                 (and gpu with CUDA graphs); the 42,700-image catalog end to end;
+                 single-image latency p50/p99; GPU memory
+
+Without a GPU it says "no CUDA device" and runs a smoke version (tiny model, the
+CPU, small sizes) through the same code. Figures go to $OUT/gpu.json when OUT
+is set, and to data/bench/gpu.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.common import median, percentile, record, table
+
+logger = logging.getLogger(__name__)
+
+# No section starts after this many seconds, so the run stays within about 6 minutes.
+BUDGET_S = float(os.environ.get("VPM_GPU_BENCH_BUDGET_S", "300"))
+COMPILE_MAX_S = 150.0  # torch.compile gets what is left of the budget, at most this
+COMPILE_MIN_S = 60.0  # and is skipped with less
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to measure, and how much: FULL on a GPU, SMOKE anywhere."""
+
+    model: str
+    device: str
+    distinct_jpegs: int
+    precisions: dict[str, tuple[int, ...]]
+    graph_batches: tuple[int, ...]
+    pipeline_batch: int
+    pillow_images: int
+    engine_images: dict[str, int]
+    streams: int
+    service_images: dict[str, int]  # per decode path, for images/s
+    catalog: int  # encoded end to end once, with --decode gpu
+    latency_requests: int
+    service_timeout_s: float
+    compile_batch: int
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+FULL = Plan(
+    model="ViT-B-32",
+    device="cuda",
+    distinct_jpegs=256,
+    precisions={
+        "fp16": (64, 128, 256, 512, 1024),
+        "bf16": (64, 128, 256, 512, 1024),
+        "fp16 autocast": (256, 1024),
+        "fp32": (64, 256),
+    },
+    graph_batches=(1, 8, 64, 256),
+    pipeline_batch=256,
+    pillow_images=1024,
+    engine_images={"cpu": 4000, "gpu": 20_000},
+    streams=8,
+    service_images={"cpu": 8000, "gpu": 16_000},
+    catalog=42_700,
+    latency_requests=200,
+    service_timeout_s=45.0,
+    compile_batch=512,
+)
+SMOKE = Plan(
+    model="VPM-Tiny",
+    device="cpu",
+    distinct_jpegs=12,
+    precisions={"fp32": (8, 32)},
+    graph_batches=(),
+    pipeline_batch=16,
+    pillow_images=32,
+    engine_images={"cpu": 48, "gpu": 48},
+    streams=2,
+    service_images={"cpu": 64, "gpu": 64},
+    catalog=96,
+    latency_requests=10,
+    service_timeout_s=60.0,
+    compile_batch=8,
+    settings={"runtime": "torch", "device": "cpu"},
+)
+
+
+def _torch():  # noqa: ANN202 - the torch module
+    import torch
+
+    return torch
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        _torch().cuda.synchronize()
+
+
+def images_per_second(run: Any, batch: int, device: str, min_s: float = 0.5) -> float:
+    """Rate of `run()` (one batch) after two warm-up calls, over at least `min_s` seconds."""
+    run()
+    run()
+    _sync(device)
+    started = time.perf_counter()
+    run()
+    _sync(device)
+    once = max(time.perf_counter() - started, 1e-6)
+    rounds = max(3, math.ceil(min_s / once))
+    started = time.perf_counter()
+    for _ in range(rounds):
+        run()
+    _sync(device)
+    return rounds * batch / (time.perf_counter() - started)
+
+
+# -- model only --------------------------------------------------------------------------
+
+
+def model_only(plan: Plan) -> dict[str, Any]:
+    from encoder_service.model import ModelConfig, load_model
+
+    torch = _torch()
+    loaded = load_model(ModelConfig(plan.model, "none"))
+    size = loaded.image_size
+    base = loaded.model.to(plan.device).eval()
+    rates: dict[str, dict[int, float]] = {}
+    for name, batches in plan.precisions.items():
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(name, torch.float32)
+        model = copy.deepcopy(base).to(dtype) if dtype != torch.float32 else base
+        autocast = name.endswith("autocast")
+        rates[name] = {}
+        for batch in batches:
+            pixels = torch.randn(batch, 3, size, size, device=plan.device, dtype=dtype)
+
+            def run(model=model, pixels=pixels, autocast=autocast) -> None:
+                with torch.inference_mode(), _autocast(autocast):
+                    model.encode_image(pixels)
+
+            rates[name][batch] = images_per_second(run, batch, plan.device)
+        del model
+    graphs = cuda_graph_rates(plan, base, size) if plan.graph_batches else {}
+    peak = _peak_memory_mb(plan.device)
+    rows = [[name, b, rate] for name, by in rates.items() for b, rate in by.items()]
+    rows += [[f"fp16 {kind}", b, rate] for kind, by in graphs.items() for b, rate in by.items()]
+    print(
+        table(f"Model only: {plan.model} on {plan.device}", ["precision", "batch", "img/s"], rows)
+    )
+    best = max(rates.get("fp16", next(iter(rates.values()))).items(), key=lambda kv: kv[1])
+    return {
+        "images_per_s": rates,
+        "cuda_graphs_images_per_s": graphs,
+        "best_fp16": {"batch": best[0], "images_per_s": best[1]},
+        "peak_allocated_mb": peak,
+    }
+
+
+def _autocast(enabled: bool) -> Any:
+    torch = _torch()
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=torch.float16)
+
+
+def cuda_graph_rates(plan: Plan, base: Any, size: int) -> dict[str, dict[int, float]]:
+    """fp16 eager vs the same batches replayed as CUDA graphs (what --cuda-graphs does)."""
+    from encoder_service.cuda_graphs import GraphedTower
+
+    torch = _torch()
+    model = copy.deepcopy(base).half()
+    tower = GraphedTower.capture(
+        model.encode_image, list(plan.graph_batches), size, torch.float16, plan.device
+    )
+    rates: dict[str, dict[int, float]] = {"eager": {}, "graphs": {}}
+    for batch in plan.graph_batches:
+        pixels = torch.randn(batch, 3, size, size, device=plan.device, dtype=torch.float16)
+        with torch.inference_mode():
+            rates["eager"][batch] = images_per_second(
+                lambda p=pixels: model.encode_image(p), batch, plan.device, 0.3
+            )
+            if tower is not None:
+                rates["graphs"][batch] = images_per_second(
+                    lambda p=pixels: tower(p), batch, plan.device, 0.3
+                )
+    return rates
+
+
+def compiled_rate(plan: Plan) -> dict[str, Any]:
+    """torch.compile at one batch size, in a child process that may be cut off at a timeout."""
+    command = [sys.executable, "-m", "bench.gpu_bench", "--compile-probe", plan.model]
+    command += [plan.device, str(plan.compile_batch)]
+    started = time.perf_counter()
+    timeout = min(COMPILE_MAX_S, BUDGET_S + COMPILE_MAX_S / 2 - (started - STARTED))
+    if timeout < COMPILE_MIN_S:
+        return {"skipped": f"only {timeout:.0f} s of the budget left"}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"no result within {timeout:.0f} s"}
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit {done.returncode}: {tail[:300]}"}
+    result = json.loads(lines[-1])
+    result["wall_s"] = time.perf_counter() - started
+    return result
+
+
+def compile_probe(model_name: str, device: str, batch: int) -> None:
+    """Child process: compile the fp16 image tower, print its compile time and rate as JSON."""
+    from encoder_service.model import ModelConfig, load_model
+
+    torch = _torch()
+    loaded = load_model(ModelConfig(model_name, "none"))
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    model = loaded.model.to(device=device, dtype=dtype).eval()
+    size = loaded.image_size
+    pixels = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
+    compiled = torch.compile(model.encode_image, dynamic=False)
+    with torch.inference_mode():
+        started = time.perf_counter()
+        compiled(pixels)
+        _sync(device)
+        compile_s = time.perf_counter() - started
+        compiled_rate = images_per_second(lambda: compiled(pixels), batch, device)
+        eager_rate = images_per_second(lambda: model.encode_image(pixels), batch, device)
+    result = {"batch": batch, "compile_s": compile_s, "images_per_s": compiled_rate}
+    print(json.dumps({**result, "eager_images_per_s": eager_rate}))
+
+
+# -- the device pipeline, stage by stage ----------------------------------------------------
+
+
+def device_pipeline(plan: Plan, files: list[bytes]) -> dict[str, Any]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from encoder_service.gpu_pipeline import TensorImagePipeline, TensorTransform
+    from encoder_service.images import ImageLimits, ImagePreprocessor
+    from encoder_service.model import ModelConfig, load_model
+    from encoder_service.runtimes import TorchRuntime
+
+    loaded = load_model(ModelConfig(plan.model, "none"))
+    runtime = TorchRuntime(loaded, plan.device, "float16" if plan.device == "cuda" else "float32")
+    transform = TensorTransform.from_preprocess(loaded.preprocess)
+    pipeline = TensorImagePipeline(transform, ImageLimits(), plan.device, runtime.input_dtype)
+    batch = [files[i % len(files)] for i in range(plan.pipeline_batch)]
+    started = time.perf_counter()
+    payloads = [pipeline.admit(data)[0] for data in batch]
+    admit_us = (time.perf_counter() - started) / len(batch) * 1e6
+
+    def stages() -> tuple[float, float, float]:
+        marks = [time.perf_counter()]
+        images, errors = pipeline.decode(payloads)
+        assert not errors, errors
+        _sync(plan.device)
+        marks.append(time.perf_counter())
+        pixels = pipeline.preprocess([images[i] for i in range(len(payloads))])
+        _sync(plan.device)
+        marks.append(time.perf_counter())
+        runtime.encode_images_on_device(pixels)
+        _sync(plan.device)
+        marks.append(time.perf_counter())
+        return tuple(b - a for a, b in zip(marks, marks[1:], strict=False))
+
+    stages()  # warm-up: decoder handles, kernels
+    runs = [stages() for _ in range(5)]
+    decode_s, preprocess_s, model_s = (median([run[i] for run in runs]) for i in range(3))
+    n = len(payloads)
+    preprocessor = ImagePreprocessor(loaded.preprocess, ImageLimits())
+    pillow_files = [files[i % len(files)] for i in range(plan.pillow_images)]
+    threads = os.cpu_count() or 1
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(preprocessor, pillow_files[:threads]))
+        started = time.perf_counter()
+        list(pool.map(preprocessor, pillow_files))
+        pillow_rate = len(pillow_files) / (time.perf_counter() - started)
+    runtime.close()
+    figures = {
+        "batch": n,
+        "header_read_us_per_image": admit_us,
+        "decode_images_per_s": n / decode_s,
+        "preprocess_images_per_s": n / preprocess_s,
+        "model_images_per_s": n / model_s,
+        "serial_images_per_s": n / (decode_s + preprocess_s + model_s),
+        "pillow_decode_preprocess_images_per_s": pillow_rate,
+        "pillow_threads": threads,
+    }
+    rows = [
+        ["header read (worker thread, per image)", f"{admit_us:.0f} us", ""],
+        [f"device decode ({plan.device})", f"{decode_s * 1000:.1f} ms", n / decode_s],
+        ["resize + crop + normalize", f"{preprocess_s * 1000:.1f} ms", n / preprocess_s],
+        ["model", f"{model_s * 1000:.1f} ms", n / model_s],
+        ["all three in turn", "", figures["serial_images_per_s"]],
+        [f"Pillow decode + preprocess, {threads} threads", "", pillow_rate],
+    ]
+    print(table(f"Device path, one batch of {n} JPEGs 640x480", ["stage", "time", "img/s"], rows))
+    return figures
+
+
+# -- engine and service --------------------------------------------------------------------
+
+
+def _settings(plan: Plan, cache: Path, **overrides: Any) -> Any:
+    from encoder_service.settings import EncoderSettings
+
+    values = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "model": plan.model,
+        "pretrained": "none",
+        "metrics_port": 0,
+        "cache_dir": cache,
+        **plan.settings,
+    }
+    values.update(overrides)
+    # Every stream's window must fit in the admission limit, or streams see RESOURCE_EXHAUSTED.
+    return EncoderSettings(**values)
+
+
+def engine_rates(plan: Plan, files: list[bytes], cache: Path) -> dict[str, Any]:
+    from encoder_service.factory import build_engine
+
+    configs = {
+        "cpu": {"decode": "cpu"},
+        "gpu, 1 batch in flight": {"decode": "gpu", "device_batches": 1},
+        "gpu, 2 batches in flight": {"decode": "gpu", "device_batches": 2},
+    }
+    rates = {}
+    for name, overrides in configs.items():
+        engine = build_engine(_settings(plan, cache, **overrides))
+        count = plan.engine_images["cpu" if name == "cpu" else "gpu"]
+        rates[name] = _engine_rate(engine, files, count)
+        engine.close()
+    rows = [[name, r["images"], r["images_per_s"], r["errors"]] for name, r in rates.items()]
+    print(table("Engine alone (no gRPC)", ["decode", "images", "img/s", "errors"], rows))
+    return rates
+
+
+def _engine_rate(engine: Any, files: list[bytes], count: int) -> dict[str, Any]:
+    import threading
+
+    from encoder_service.batcher import Caller
+
+    window = threading.Semaphore(max(1, engine.config.queue_size - engine.config.max_batch))
+    errors: list[BaseException] = []
+    done = threading.Semaphore(0)
+
+    def finished(future: Any) -> None:
+        if future.exception() is not None:
+            errors.append(future.exception())
+        window.release()
+        done.release()
+
+    started = time.perf_counter()
+    for index in range(count):
+        window.acquire()
+        engine.submit_image(files[index % len(files)], Caller()).add_done_callback(finished)
+    for _ in range(count):
+        done.acquire()
+    seconds = time.perf_counter() - started
+    first = f"{type(errors[0]).__name__}: {errors[0]}" if errors else ""
+    return {"images": count, "images_per_s": count / seconds, "errors": len(errors), "first": first}
+
+
+def service_runs(plan: Plan, files_path: Path, cache: Path) -> dict[str, Any]:
+    import multiprocessing
+
+    configs = {"cpu": {"decode": "cpu"}, "gpu": {"decode": "gpu"}}
+    if plan.device == "cuda":
+        # For latency: graphs cut the model's launch cost, a 1 ms delay the batcher's wait.
+        configs["gpu, CUDA graphs, 1 ms delay"] = {
+            "decode": "gpu",
+            "cuda_graphs": True,
+            "max_delay_ms": 1.0,
+        }
+    results = {}
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(plan.streams) as clients:
+        for name, overrides in configs.items():
+            if time.perf_counter() - STARTED > BUDGET_S and results:
+                results[name] = {"skipped": "over the time budget"}
+                continue
+            results[name] = _one_service(plan, files_path, cache, clients, name, overrides)
+    rows = []
+    for name, r in results.items():
+        if "skipped" in r:
+            rows.append([name, "skipped", "", "", "", "", ""])
+            continue
+        rows.append(
+            [
+                name,
+                r["images"],
+                r["images_per_s"],
+                r.get("catalog_s", ""),
+                r["latency_ms"]["p50"],
+                r["latency_ms"]["p99"],
+                r["errors"],
+            ]
+        )
+    header = [
+        "decode",
+        "images",
+        "img/s",
+        f"catalog {plan.catalog} s",
+        "p50 ms",
+        "p99 ms",
+        "errors",
+    ]
+    print(table(f"Service over gRPC, {plan.streams} client streams", header, rows))
+    return results
+
+
+def _one_service(
+    plan: Plan, files_path: Path, cache: Path, clients: Any, name: str, overrides: dict
+) -> dict[str, Any]:
+    from bench import gpu_load
+    from encoder_service.factory import build_engine
+    from encoder_service.server import EncoderApp, create_server
+    from tests.support import ServerThread
+
+    max_batch = 256 if plan.device == "cuda" else 8
+    queue = 4 * plan.streams * max_batch  # room for every stream's window (2 x max batch)
+    settings = _settings(plan, cache, max_batch=max_batch, queue_size=queue, **overrides)
+    app = EncoderApp()
+    _reset_peak(plan.device)
+    built = time.perf_counter()
+
+    async def build():  # noqa: ANN202 - ServerThread's builder
+        server, port = await create_server(settings, app)
+        await app.serve(build_engine(settings))
+        return server, port
+
+    thread = ServerThread(build)
+    thread.start()
+    start_s = time.perf_counter() - built
+    try:
+        target = thread.target
+        count = plan.service_images[overrides["decode"]]
+        figures = _stream(clients, target, files_path, plan, count)
+        if name == "gpu":
+            catalog = _stream(clients, target, files_path, plan, plan.catalog)
+            figures["catalog_s"] = catalog["seconds"]
+            figures["catalog_images_per_s"] = catalog["images_per_s"]
+            figures["errors"] += catalog["errors"]
+        latencies = clients.apply(
+            gpu_load.single_image_latencies, (target, str(files_path), plan.latency_requests)
+        )
+        figures["latency_ms"] = {
+            "p50": median(latencies) * 1000,
+            "p99": percentile(latencies, 99) * 1000,
+        }
+        figures["start_and_warm_up_s"] = start_s
+        figures["peak_allocated_mb"] = _peak_memory_mb(plan.device)
+        figures["device_memory_used_mb"] = _device_memory_used_mb(plan.device)
+    finally:
+        thread.stop(0)
+        if app.engine is not None:
+            app.engine.close(drain=False)
+        _release(plan.device)
+    return figures
+
+
+def _stream(clients: Any, target: str, files_path: Path, plan: Plan, count: int) -> dict:
+    from bench import gpu_load
+
+    share = math.ceil(count / plan.streams)
+    jobs = [
+        (target, str(files_path), share, index * 7919, plan.service_timeout_s)
+        for index in range(plan.streams)
+    ]
+    parts = clients.starmap(gpu_load.stream_images, jobs)
+    seconds = max(p.finished for p in parts) - min(p.started for p in parts)
+    ok = sum(p.ok for p in parts)
+    errors = sum(p.errors for p in parts)
+    first = next((p.first_error for p in parts if p.first_error), "")
+    if first:
+        logger.warning("service stream errors: %s", first)
+    return {
+        "images": ok,
+        "seconds": seconds,
+        "images_per_s": ok / seconds,
+        "errors": errors,
+        "first_error": first,
+        "timed_out": any(p.timed_out for p in parts),
+    }
+
+
+def _reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        _torch().cuda.reset_peak_memory_stats()
+
+
+def _peak_memory_mb(device: str) -> float | None:
+    if not device.startswith("cuda"):
+        return None
+    return _torch().cuda.max_memory_allocated() / 2**20
+
+
+def _device_memory_used_mb(device: str) -> float | None:
+    """All memory in use on the GPU (context, nvJPEG, cache included), as nvidia-smi counts."""
+    if not device.startswith("cuda"):
+        return None
+    free, total = _torch().cuda.mem_get_info()
+    return (total - free) / 2**20
+
+
+def _release(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        _torch().cuda.empty_cache()
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+STARTED = time.perf_counter()
+
+
+def plan_for_here() -> Plan:
+    torch = _torch()
+    if torch.cuda.is_available() and os.environ.get("VPM_GPU_BENCH_SMOKE") != "1":
+        return FULL
+    if not torch.cuda.is_available():
+        print("no CUDA device: running the smoke version (tiny model on the CPU, small sizes)")
+    smoke = SMOKE
+    if torch.cuda.is_available():
+        smoke = Plan(**{**SMOKE.__dict__, "device": "cuda", "settings": {"runtime": "torch"}})
+    return smoke
+
+
+def make_jpegs(count: int) -> list[bytes]:
+    from tests import images
+
+    return [images.jpeg(640, 480, seed=seed, quality=90) for seed in range(count)]
+
+
+def run() -> dict[str, Any]:
+    global STARTED
+    STARTED = time.perf_counter()
+    torch = _torch()
+    plan = plan_for_here()
+    figures: dict[str, Any] = {"plan": plan.model + " on " + plan.device}
+    figures["versions"] = _versions()
+    if plan.device == "cuda":
+        figures["gpu"] = torch.cuda.get_device_name()
+    print(f"GPU benchmark: {figures.get('gpu', 'no GPU')}; {figures['versions']}", flush=True)
+    files = make_jpegs(plan.distinct_jpegs)
+    figures["jpeg_kb_mean"] = sum(map(len, files)) / len(files) / 1024
+    with tempfile.TemporaryDirectory(prefix="vpm-gpu-bench-") as scratch:
+        from bench import gpu_load
+
+        files_path = gpu_load.save_files(files, Path(scratch) / "jpegs.pickle")
+        cache = Path(scratch) / "cache"
+        sections = [
+            ("model_only", lambda: model_only(plan)),
+            ("device_pipeline", lambda: device_pipeline(plan, files)),
+            ("engine", lambda: engine_rates(plan, files, cache)),
+            ("service", lambda: service_runs(plan, files_path, cache)),
+        ]
+        if plan.device == "cuda" and os.environ.get("VPM_GPU_BENCH_COMPILE", "1") == "1":
+            sections.append(("torch_compile", lambda: compiled_rate(plan)))
+        for name, section in sections:
+            figures[name] = _section(name, section)
+            _release(plan.device)
+    figures["seconds"] = time.perf_counter() - STARTED
+    _summary(figures, plan)
+    _write(figures)
+    return figures
+
+
+def _section(name: str, work: Any) -> dict[str, Any]:
+    """Run one section; a failure is reported and recorded, and the next section still runs."""
+    elapsed = time.perf_counter() - STARTED
+    if elapsed > BUDGET_S:
+        print(f"\n[{name}] skipped: {elapsed:.0f} s spent of a {BUDGET_S:.0f} s budget")
+        return {"skipped": "over the time budget"}
+    print(f"\n[{name}] at {elapsed:.0f} s", flush=True)
+    try:
+        return work()
+    except Exception as error:  # noqa: BLE001 - one broken section must not lose the others
+        logger.exception("section %s failed", name)
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
+def _versions() -> dict[str, str]:
+    import grpc
+    import open_clip
+    import torch
+    import torchvision
+    from google import protobuf
+
+    versions = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "open_clip": open_clip.__version__,
+        "grpcio": grpc.__version__,
+        "protobuf": protobuf.__version__,
+    }
+    if torch.cuda.is_available():
+        versions["cuda"] = str(torch.version.cuda)
+    return versions
+
+
+def _summary(figures: dict[str, Any], plan: Plan) -> None:
+    service = figures.get("service", {})
+    gpu = service.get("gpu", {}) if isinstance(service, dict) else {}
+    model = figures.get("model_only", {}).get("best_fp16", {})
+    rows = [
+        ["model only, fp16, best batch", model.get("images_per_s", "n/a"), ">= 30,000 img/s"],
+        ["service, --decode gpu", gpu.get("images_per_s", "n/a"), ">= 10,000 img/s"],
+        [f"catalog of {plan.catalog} images", gpu.get("catalog_s", "n/a"), "< 10 s"],
+        ["single-image latency p50 (ms)", gpu.get("latency_ms", {}).get("p50", "n/a"), "<= 10 ms"],
+    ]
+    title = f"Issue 7 targets ({figures.get('gpu', 'no GPU: smoke sizes, not comparable')})"
+    print("\n" + table(title, ["figure", "measured", "target"], rows))
+    print(f"(gpu bench: {figures['seconds']:.0f} s)")
+
+
+def _write(figures: dict[str, Any]) -> None:
+    path = record("gpu", figures)
+    print(f"figures: {path}")
+    out = os.environ.get("OUT")
+    if out:
+        target = Path(out) / "gpu.json"
+        target.write_text(json.dumps(figures, indent=2, default=str))
+        print(f"figures: {target}")
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    # Every model here has random weights on purpose; one loud warning per build is noise.
+    logging.getLogger("encoder_service.model").setLevel(logging.ERROR)
+    if argv[:1] == ["--compile-probe"]:
+        compile_probe(argv[1], argv[2], int(argv[3]))
+        return 0
+    run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,95 @@
+"""Load for the GPU benchmark: client processes that stream JPEGs at an encoder over gRPC.
+
+Each function here runs in a process of its own (a spawn pool), so the
+clients neither share the server's interpreter lock nor each other's. Only
+grpc and the generated stubs are imported: a client process starts fast.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+_files: dict[str, list[bytes]] = {}  # per process: the JPEG set, read once
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    ok: int
+    errors: int
+    started: float  # time.time(), comparable across processes
+    finished: float
+    first_error: str
+    timed_out: bool
+
+
+def save_files(files: list[bytes], path: Path) -> Path:
+    path.write_bytes(pickle.dumps(files))
+    return path
+
+
+def _load(path: str) -> list[bytes]:
+    if path not in _files:
+        _files[path] = pickle.loads(Path(path).read_bytes())
+    return _files[path]
+
+
+def _stub(target: str):  # noqa: ANN202 - a generated stub
+    import grpc
+
+    from vpm.v1 import encoder_pb2_grpc
+
+    options = [("grpc.max_send_message_length", 64 << 20)]
+    return encoder_pb2_grpc.EncoderStub(grpc.insecure_channel(target, options=options))
+
+
+def stream_images(target: str, files_path: str, count: int, offset: int, timeout_s: float):
+    """One EncodeImages stream of `count` images (the set cycled from `offset`)."""
+    import grpc
+
+    from vpm.v1 import encoder_pb2
+
+    files = _load(files_path)
+    stub = _stub(target)
+
+    def requests():  # noqa: ANN202 - a generator of ImageItem
+        for index in range(count):
+            data = files[(offset + index) % len(files)]
+            yield encoder_pb2.ImageItem(id=str(index), data=data)
+
+    ok = errors = 0
+    first_error = ""
+    timed_out = False
+    started = time.time()
+    try:
+        for reply in stub.EncodeImages(requests(), timeout=timeout_s):
+            if reply.HasField("error"):
+                errors += 1
+                first_error = first_error or reply.error.message
+            else:
+                ok += 1
+    except grpc.RpcError as error:
+        timed_out = error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        first_error = first_error or f"{error.code().name}: {error.details()}"
+    return StreamResult(ok, errors, started, time.time(), first_error, timed_out)
+
+
+def single_image_latencies(target: str, files_path: str, count: int, warm_up: int = 5):
+    """Seconds for each of `count` one-image streams, sent one after another."""
+    from vpm.v1 import encoder_pb2
+
+    files = _load(files_path)
+    stub = _stub(target)
+    samples = []
+    for index in range(warm_up + count):
+        item = encoder_pb2.ImageItem(id="q", data=files[index % len(files)])
+        started = time.perf_counter()
+        replies = list(stub.EncodeImages(iter([item]), timeout=60))
+        elapsed = time.perf_counter() - started
+        if replies[0].HasField("error"):
+            raise RuntimeError(f"latency probe failed: {replies[0].error.message}")
+        if index >= warm_up:
+            samples.append(elapsed)
+    return samples
