@@ -11,6 +11,7 @@ import time
 BENCHES = {
     "encoder": "bench.encoder_bench",
     "search": "bench.search_bench",
+    "indexer": "bench.indexer_bench",
 }
 
 
