@@ -1,0 +1,345 @@
+"""Search service: bulk ingest, search latency and throughput, HNSW recall, measured in one run.
+
+ingest    42,700 products with 512-d vectors supplied, into catalog (SQLite) + index:
+          the engine alone (domain), and a real service process fed by UpsertProducts,
+          beside the original prototype's way (one INSERT and one COMMIT per product,
+          one index add per product), measured on a subset and extrapolated
+latency   Search by vector and by product id over those 42,700 products through the
+          real service process at concurrency 1, 8 and 32 (exact Flat index)
+recall    HNSW32 recall@10 against exact search on 100,000 vectors
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import faiss
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench.common import median, percentile, record, table, timed
+from search_service.catalog import Catalog
+from search_service.engine import SearchEngine
+from search_service.index import VectorIndex
+from search_service.models import Product
+from tests.support import free_port
+from vpm.v1 import search_pb2, search_pb2_grpc
+
+PRODUCTS = int(os.environ.get("VPM_BENCH_PRODUCTS", "42700"))
+DIM = 512
+NAIVE_SUBSET = 1000
+RECALL_VECTORS = int(os.environ.get("VPM_BENCH_RECALL_VECTORS", "100000"))
+REPO = Path(__file__).resolve().parents[1]
+GENDERS = ("Men", "Women", "Boys", "Girls", "Unisex")
+MASTERS = ("Apparel", "Accessories", "Footwear", "Personal Care", "Free Items")
+COLOURS = ("Black", "White", "Blue", "Brown", "Grey", "Red", "Green", "Pink", "Navy Blue")
+
+
+def catalog(count: int, seed: int = 0) -> tuple[list[Product], np.ndarray]:
+    """Fashion-like metadata and random unit vectors."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((count, DIM), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    products = [
+        Product(
+            id=str(10_000 + i),
+            name=f"Product {i}",
+            gender=GENDERS[i % 5],
+            master_category=MASTERS[i % 5],
+            sub_category=f"Sub{i % 45}",
+            article_type=f"Type{i % 143}",
+            base_colour=COLOURS[i % 9],
+            season=("Summer", "Winter", "Fall", "Spring")[i % 4],
+            year=2008 + i % 12,
+            usage=("Casual", "Formal", "Sports")[i % 3],
+            model_id="bench-model",
+        )
+        for i in range(count)
+    ]
+    return products, vectors
+
+
+# -- ingest ----------------------------------------------------------------------------
+
+
+def ingest_domain(folder: Path, products: list, vectors: np.ndarray, sync: str) -> float:
+    """Products/s of SearchEngine.upsert_products into a fresh SQLite catalog and Flat index."""
+    engine = SearchEngine(Catalog.open(f"sqlite:///{folder}/domain-{sync}.db", sync), folder)
+    engine.load()
+    seconds, summary = timed(lambda: engine.upsert_products(zip(products, vectors, strict=True)))
+    assert summary.inserted == len(products), summary
+    engine.catalog.close()
+    return len(products) / seconds
+
+
+def ingest_naive(folder: Path, products: list, vectors: np.ndarray) -> float:
+    """Products/s the prototype's way: one INSERT and one COMMIT per product, one add each."""
+    connection = sqlite3.connect(folder / "naive.db")
+    connection.execute(
+        "CREATE TABLE products (id TEXT PRIMARY KEY, name TEXT, gender TEXT, "
+        "master_category TEXT, article_type TEXT, base_colour TEXT, year INTEGER, vector BLOB)"
+    )
+    index = faiss.IndexFlatIP(DIM)
+    started = time.perf_counter()
+    for product, vector in zip(products, vectors, strict=True):
+        connection.execute(
+            "INSERT INTO products VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                product.id,
+                product.name,
+                product.gender,
+                product.master_category,
+                product.article_type,
+                product.base_colour,
+                product.year,
+                vector.tobytes(),
+            ),
+        )
+        connection.commit()
+        index.add(vector.reshape(1, -1))
+    seconds = time.perf_counter() - started
+    connection.close()
+    return len(products) / seconds
+
+
+class ServiceProcess:
+    """`python -m search_service` on a free port, its catalog and snapshots in `folder`."""
+
+    def __init__(self, folder: Path, *args: str) -> None:
+        self.port = free_port()
+        self.log = open(folder / "service.log", "w")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "search_service",
+                "--host=127.0.0.1",
+                f"--port={self.port}",
+                "--metrics-port=0",
+                f"--catalog-url=sqlite:///{folder}/service.db",
+                f"--data-dir={folder}",
+                "--log-level=WARNING",
+                *args,
+            ],
+            cwd=REPO,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self.channel = grpc.insecure_channel(
+            f"127.0.0.1:{self.port}",
+            options=[("grpc.max_send_message_length", 1 << 30)],
+        )
+        self.stub = search_pb2_grpc.SearchStub(self.channel)
+        health = health_pb2_grpc.HealthStub(self.channel)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                request = health_pb2.HealthCheckRequest(service="vpm.v1.Search")
+                if health.Check(request, timeout=1).status == 1:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.1)
+        raise RuntimeError("the search service did not become SERVING")
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(60)
+        self.log.close()
+
+
+def ingest_rpc(service: ServiceProcess, products: list, vectors: np.ndarray) -> float:
+    """Products/s of one UpsertProducts stream (messages built beforehand, not timed)."""
+    messages = [
+        search_pb2.Product(
+            id=p.id,
+            name=p.name,
+            gender=p.gender,
+            master_category=p.master_category,
+            sub_category=p.sub_category,
+            article_type=p.article_type,
+            base_colour=p.base_colour,
+            season=p.season,
+            year=p.year,
+            usage=p.usage,
+            vector=v.tolist(),
+            model_id=p.model_id,
+        )
+        for p, v in zip(products, vectors, strict=True)
+    ]
+    seconds, summary = timed(lambda: service.stub.UpsertProducts(iter(messages), timeout=600))
+    assert summary.inserted == len(products), summary
+    return len(products) / seconds
+
+
+# -- latency ---------------------------------------------------------------------------
+
+
+def load_test(
+    call: Any, requests: list, concurrency: int, seconds: float = 4.0
+) -> dict[str, float]:
+    """p50 / p99 latency (ms) and throughput (requests/s) of `call` at `concurrency`."""
+    for request in requests[:20]:
+        call(request)  # warm-up
+    latencies: list[float] = []
+    lock = threading.Lock()
+    stop_at = time.monotonic() + seconds
+
+    def worker(offset: int) -> None:
+        mine = []
+        i = offset
+        while time.monotonic() < stop_at:
+            started = time.perf_counter()
+            call(requests[i % len(requests)])
+            mine.append(time.perf_counter() - started)
+            i += concurrency
+        with lock:
+            latencies.extend(mine)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(worker, range(concurrency)))
+    elapsed = time.perf_counter() - started
+    return {
+        "p50_ms": 1000 * median(latencies),
+        "p99_ms": 1000 * percentile(latencies, 99),
+        "qps": len(latencies) / elapsed,
+    }
+
+
+def domain_latency(vectors: np.ndarray, plain: bool) -> float:
+    """p50 ms of a single exact top-10 search in-process: ours, or a plain IndexFlatIP."""
+    queries = vectors[np.random.default_rng(1).choice(len(vectors), 200, replace=False)]
+    if plain:
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(DIM))
+        index.add_with_ids(vectors, np.arange(len(vectors), dtype=np.int64))
+        search = lambda q: index.search(q.reshape(1, -1), 10)  # noqa: E731
+    else:
+        ours = VectorIndex(DIM)
+        ours.put(np.arange(len(vectors), dtype=np.int64), vectors)
+        search = lambda q: ours.search(q, 10)  # noqa: E731
+    samples = []
+    for query in queries:
+        seconds, _ = timed(lambda q=query: search(q))
+        samples.append(seconds)
+    return 1000 * median(samples)
+
+
+# -- recall ----------------------------------------------------------------------------
+
+
+def hnsw_recall(count: int) -> dict[str, float]:
+    """recall@10 of HNSW32 (the service's VectorIndex, default efSearch) against exact.
+
+    The vectors lie near a 32-dimensional subspace, as embeddings of real images
+    do; isotropic random 512-d vectors are the worst case for any graph index.
+    """
+    rng = np.random.default_rng(7)
+    latent = rng.standard_normal((count, 32), dtype=np.float32)
+    vectors = latent @ rng.standard_normal((32, DIM), dtype=np.float32)
+    vectors += 0.5 * rng.standard_normal((count, DIM), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = vectors[rng.choice(count, 200, replace=False)]
+    queries = queries + 0.3 * rng.standard_normal(queries.shape, dtype=np.float32) / DIM**0.5
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    keys = np.arange(count, dtype=np.int64)
+    exact = VectorIndex(DIM)
+    exact.put(keys, vectors)
+    hnsw = VectorIndex(DIM, "HNSW32")
+    build_s, _ = timed(lambda: hnsw.put(keys, vectors))
+    hits, exact_s, hnsw_s = 0, [], []
+    for query in queries:
+        seconds, (truth, _) = timed(lambda q=query: exact.search(q, 10))
+        exact_s.append(seconds)
+        seconds, (found, _) = timed(lambda q=query: hnsw.search(q, 10))
+        hnsw_s.append(seconds)
+        hits += len(set(truth.tolist()) & set(found.tolist()))
+    return {
+        "recall_at_10": hits / (10 * len(queries)),
+        "build_s": build_s,
+        "exact_p50_ms": 1000 * median(exact_s),
+        "hnsw_p50_ms": 1000 * median(hnsw_s),
+    }
+
+
+# -- the run ---------------------------------------------------------------------------
+
+
+def run() -> dict[str, Any]:
+    products, vectors = catalog(PRODUCTS)
+    figures: dict[str, Any] = {"products": PRODUCTS, "dim": DIM}
+    with tempfile.TemporaryDirectory(prefix="vpm-search-bench-") as tmp:
+        folder = Path(tmp)
+        figures["ingest_domain_full"] = ingest_domain(folder, products, vectors, "FULL")
+        figures["ingest_domain_normal"] = ingest_domain(folder, products, vectors, "NORMAL")
+        figures["ingest_naive"] = ingest_naive(
+            folder, products[:NAIVE_SUBSET], vectors[:NAIVE_SUBSET]
+        )
+        service = ServiceProcess(folder)
+        try:
+            figures["ingest_rpc"] = ingest_rpc(service, products, vectors)
+            figures["latency"] = search_latency(service, products, vectors)
+        finally:
+            service.stop()
+    figures["domain_p50_ms"] = domain_latency(vectors, plain=False)
+    figures["domain_plain_flat_p50_ms"] = domain_latency(vectors, plain=True)
+    figures["hnsw"] = hnsw_recall(RECALL_VECTORS)
+    print_tables(figures)
+    record("search", figures)
+    return figures
+
+
+def search_latency(service: ServiceProcess, products: list, vectors: np.ndarray) -> dict:
+    rng = np.random.default_rng(3)
+    picks = rng.choice(len(products), 500, replace=False)
+    by_vector = [
+        search_pb2.SearchRequest(vector=search_pb2.Vector(values=vectors[i].tolist()), top_k=10)
+        for i in picks
+    ]
+    by_id = [search_pb2.SearchRequest(product_id=products[i].id, top_k=10) for i in picks]
+    results = {}
+    for name, requests in (("vector", by_vector), ("product_id", by_id)):
+        for concurrency in (1, 8, 32):
+            results[f"{name} c={concurrency}"] = load_test(
+                service.stub.Search, requests, concurrency
+            )
+    return results
+
+
+def print_tables(figures: dict[str, Any]) -> None:
+    count, naive = figures["products"], figures["ingest_naive"]
+    paths = [
+        ("engine (domain), SQLite synchronous=FULL", figures["ingest_domain_full"]),
+        ("engine (domain), SQLite synchronous=NORMAL", figures["ingest_domain_normal"]),
+        ("service process, one UpsertProducts stream", figures["ingest_rpc"]),
+        (f"naive: INSERT + COMMIT per product ({NAIVE_SUBSET:,} measured, extrapolated)", naive),
+    ]
+    title = f"Bulk ingest of {count:,} products with {DIM}-d vectors (target >= 50,000/s, domain)"
+    header = ["path", "products/s", f"s for {count:,}", "x naive"]
+    print(table(title, header, [[name, rate, count / rate, rate / naive] for name, rate in paths]))
+    print()
+    title = f"Search through the RPC, exact Flat, top 10 of {count:,} (target p50 <= 5 ms at c=1)"
+    header = ["query, concurrency", "p50 ms", "p99 ms", "requests/s"]
+    rows = [[name, r["p50_ms"], r["p99_ms"], r["qps"]] for name, r in figures["latency"].items()]
+    print(table(title, header, rows))
+    print(
+        f"one query in-process, p50: {figures['domain_p50_ms']:.2f} ms (float16 scan + float32 "
+        f"rescoring, exact) vs {figures['domain_plain_flat_p50_ms']:.2f} ms (plain IndexFlatIP)"
+    )
+    print()
+    hnsw = figures["hnsw"]
+    title = f"HNSW32 (efSearch 128) on {RECALL_VECTORS:,} vectors (target recall@10 >= 0.95)"
+    header = ["recall@10", "build s", "exact p50 ms", "HNSW p50 ms"]
+    row = [hnsw["recall_at_10"], hnsw["build_s"], hnsw["exact_p50_ms"], hnsw["hnsw_p50_ms"]]
+    print(table(title, header, [row]))
