@@ -150,6 +150,7 @@ class DeviceImageBatches:
         self._observe = False
         try:
             jpeg, png = _sample_images()
+            self.pipeline.check_device_decoder(jpeg)
             for size in batch_sizes:
                 payloads = [self.admit(jpeg) for _ in range(size)]
                 if size > 1:

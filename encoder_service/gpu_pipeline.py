@@ -152,6 +152,7 @@ class TensorImagePipeline:
         self._pin = device.startswith("cuda")
         # The decoder's outputs come from this stream's memory pool (see _device_decode).
         self._decode_stream = torch.cuda.Stream(device) if self._pin else None
+        self.device_jpegs = True  # False once check_device_decoder finds it broken
         std = torch.tensor(transform.std, dtype=torch.float32)
         mean = torch.tensor(transform.mean, dtype=torch.float32)
         # (x / 255 - mean) / std as one multiply-add on 0..255 values.
@@ -163,7 +164,9 @@ class TensorImagePipeline:
     def admit(self, data: bytes) -> tuple[JpegRecord | CpuPixels, Timings]:
         """Route one image: a plain JPEG to the device as bytes, anything else through Pillow."""
         started = time.perf_counter()
-        header = read_jpeg_header(data, self.limits.max_bytes, self.limits.max_pixels)
+        header = None
+        if self.device_jpegs:
+            header = read_jpeg_header(data, self.limits.max_bytes, self.limits.max_pixels)
         if header is not None:
             encoded = self._torch.frombuffer(bytearray(data), dtype=self._torch.uint8)
             return JpegRecord(data, encoded, header), Timings(time.perf_counter() - started, 0.0)
@@ -180,6 +183,19 @@ class TensorImagePipeline:
             raise InvalidArgument(f"image cannot be converted from {image.mode} mode") from None
         pixels = self._torch.from_numpy(array)
         return CpuPixels(pixels.pin_memory() if self._pin else pixels)
+
+    def check_device_decoder(self, jpeg: bytes) -> bool:
+        """Decode one good JPEG on the device; if that fails, send every JPEG to Pillow instead.
+
+        A torchvision built without nvJPEG would otherwise fail every batch
+        and find each image's fallback by halving: correct, and very slow.
+        """
+        try:
+            self._device_decode([self._torch.frombuffer(bytearray(jpeg), dtype=self._torch.uint8)])
+        except Exception as error:  # noqa: BLE001 - whatever it is, Pillow still works
+            logger.error("the device JPEG decoder fails here (%s); JPEGs go to Pillow", error)
+            self.device_jpegs = False
+        return self.device_jpegs
 
     # -- the inference thread ------------------------------------------------------
 

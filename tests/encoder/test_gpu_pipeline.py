@@ -414,3 +414,15 @@ def test_png_stays_off_the_device_decoder(tiny) -> None:
     payload, _ = tensor_path.admit(images.encode(Image.open(io.BytesIO(images.jpeg())), "PNG"))
     tensor_path.prepare([payload])
     assert isinstance(payload, CpuPixels) and decoder.calls == []
+
+
+def test_a_broken_device_decoder_sends_every_jpeg_to_pillow(tiny) -> None:
+    def broken(encoded, device):
+        raise RuntimeError("decode_jpegs_cuda: torchvision not compiled with nvJPEG support")
+
+    tensor_path = pipeline(tiny, decode_jpegs=broken)
+    assert tensor_path.check_device_decoder(images.jpeg(seed=1)) is False
+    payload, _ = tensor_path.admit(images.jpeg(seed=2))
+    assert isinstance(payload, CpuPixels)
+    assert tensor_path.prepare([payload]).pixels.shape == (1, 3, 64, 64)
+    assert pipeline(tiny).check_device_decoder(images.jpeg(seed=1)) is True
