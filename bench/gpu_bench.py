@@ -9,8 +9,9 @@ weights: the arithmetic of trained ones), 640x480 JPEGs. Sections:
                  and Pillow decode + preprocess on every core, for comparison
   engine         EncoderEngine without gRPC: --decode cpu vs gpu (1 or 2 batches in flight)
   service        JPEG bytes over gRPC from several client processes: --decode cpu vs gpu
-                 (and gpu with CUDA graphs); the 42,700-image catalog end to end;
-                 single-image latency p50/p99; GPU memory
+                 (and gpu with CUDA graphs and a 1 ms delay, and 3 encoder processes
+                 on the one GPU); the 42,700-image catalog end to end; single-image
+                 latency p50/p99; GPU memory
 
 Without a GPU it says "no CUDA device" and runs a smoke version (tiny model, the
 CPU, small sizes) through the same code. Figures go to $OUT/gpu.json when OUT
@@ -33,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import median, percentile, record, table
+from bench.common import median, record, table
+from bench.gpu_service import engine_rates, peak_memory_mb, release, service_runs
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ class Plan:
     catalog: int  # encoded end to end once, with --decode gpu
     latency_requests: int
     service_timeout_s: float
+    processes: int  # encoder processes sharing the device, in the last service configuration
     compile_batch: int
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -83,6 +86,7 @@ FULL = Plan(
     catalog=42_700,
     latency_requests=200,
     service_timeout_s=45.0,
+    processes=3,
     compile_batch=512,
 )
 SMOKE = Plan(
@@ -99,6 +103,7 @@ SMOKE = Plan(
     catalog=96,
     latency_requests=10,
     service_timeout_s=60.0,
+    processes=2,
     compile_batch=8,
     settings={"runtime": "torch", "device": "cpu"},
 )
@@ -158,7 +163,7 @@ def model_only(plan: Plan) -> dict[str, Any]:
             rates[name][batch] = images_per_second(run, batch, plan.device)
         del model
     graphs = cuda_graph_rates(plan, base, size) if plan.graph_batches else {}
-    peak = _peak_memory_mb(plan.device)
+    peak = peak_memory_mb(plan.device)
     rows = [[name, b, rate] for name, by in rates.items() for b, rate in by.items()]
     rows += [[f"fp16 {kind}", b, rate] for kind, by in graphs.items() for b, rate in by.items()]
     print(
@@ -320,221 +325,6 @@ def device_pipeline(plan: Plan, files: list[bytes]) -> dict[str, Any]:
     return figures
 
 
-# -- engine and service --------------------------------------------------------------------
-
-
-def _settings(plan: Plan, cache: Path, **overrides: Any) -> Any:
-    from encoder_service.settings import EncoderSettings
-
-    values = {
-        "host": "127.0.0.1",
-        "port": 0,
-        "model": plan.model,
-        "pretrained": "none",
-        "metrics_port": 0,
-        "cache_dir": cache,
-        **plan.settings,
-    }
-    values.update(overrides)
-    # Every stream's window must fit in the admission limit, or streams see RESOURCE_EXHAUSTED.
-    return EncoderSettings(**values)
-
-
-def engine_rates(plan: Plan, files: list[bytes], cache: Path) -> dict[str, Any]:
-    from encoder_service.factory import build_engine
-
-    configs = {
-        "cpu": {"decode": "cpu"},
-        "gpu, 1 batch in flight": {"decode": "gpu", "device_batches": 1},
-        "gpu, 2 batches in flight": {"decode": "gpu", "device_batches": 2},
-    }
-    rates = {}
-    for name, overrides in configs.items():
-        engine = build_engine(_settings(plan, cache, **overrides))
-        count = plan.engine_images["cpu" if name == "cpu" else "gpu"]
-        rates[name] = _engine_rate(engine, files, count)
-        engine.close()
-    rows = [[name, r["images"], r["images_per_s"], r["errors"]] for name, r in rates.items()]
-    print(table("Engine alone (no gRPC)", ["decode", "images", "img/s", "errors"], rows))
-    return rates
-
-
-def _engine_rate(engine: Any, files: list[bytes], count: int) -> dict[str, Any]:
-    import threading
-
-    from encoder_service.batcher import Caller
-
-    window = threading.Semaphore(max(1, engine.config.queue_size - engine.config.max_batch))
-    errors: list[BaseException] = []
-    done = threading.Semaphore(0)
-
-    def finished(future: Any) -> None:
-        if future.exception() is not None:
-            errors.append(future.exception())
-        window.release()
-        done.release()
-
-    started = time.perf_counter()
-    for index in range(count):
-        window.acquire()
-        engine.submit_image(files[index % len(files)], Caller()).add_done_callback(finished)
-    for _ in range(count):
-        done.acquire()
-    seconds = time.perf_counter() - started
-    first = f"{type(errors[0]).__name__}: {errors[0]}" if errors else ""
-    return {"images": count, "images_per_s": count / seconds, "errors": len(errors), "first": first}
-
-
-def service_runs(plan: Plan, files_path: Path, cache: Path) -> dict[str, Any]:
-    import multiprocessing
-
-    configs = {"cpu": {"decode": "cpu"}, "gpu": {"decode": "gpu"}}
-    if plan.device == "cuda":
-        # For latency: graphs cut the model's launch cost, a 1 ms delay the batcher's wait.
-        configs["gpu, CUDA graphs, 1 ms delay"] = {
-            "decode": "gpu",
-            "cuda_graphs": True,
-            "max_delay_ms": 1.0,
-        }
-    results = {}
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(plan.streams) as clients:
-        for name, overrides in configs.items():
-            if time.perf_counter() - STARTED > BUDGET_S and results:
-                results[name] = {"skipped": "over the time budget"}
-                continue
-            results[name] = _one_service(plan, files_path, cache, clients, name, overrides)
-    rows = []
-    for name, r in results.items():
-        if "skipped" in r:
-            rows.append([name, "skipped", "", "", "", "", ""])
-            continue
-        rows.append(
-            [
-                name,
-                r["images"],
-                r["images_per_s"],
-                r.get("catalog_s", ""),
-                r["latency_ms"]["p50"],
-                r["latency_ms"]["p99"],
-                r["errors"],
-            ]
-        )
-    header = [
-        "decode",
-        "images",
-        "img/s",
-        f"catalog {plan.catalog} s",
-        "p50 ms",
-        "p99 ms",
-        "errors",
-    ]
-    print(table(f"Service over gRPC, {plan.streams} client streams", header, rows))
-    return results
-
-
-def _one_service(
-    plan: Plan, files_path: Path, cache: Path, clients: Any, name: str, overrides: dict
-) -> dict[str, Any]:
-    from bench import gpu_load
-    from encoder_service.factory import build_engine
-    from encoder_service.server import EncoderApp, create_server
-    from tests.support import ServerThread
-
-    max_batch = 256 if plan.device == "cuda" else 8
-    queue = 4 * plan.streams * max_batch  # room for every stream's window (2 x max batch)
-    settings = _settings(plan, cache, max_batch=max_batch, queue_size=queue, **overrides)
-    app = EncoderApp()
-    _reset_peak(plan.device)
-    built = time.perf_counter()
-
-    async def build():  # noqa: ANN202 - ServerThread's builder
-        server, port = await create_server(settings, app)
-        await app.serve(build_engine(settings))
-        return server, port
-
-    thread = ServerThread(build)
-    thread.start()
-    start_s = time.perf_counter() - built
-    try:
-        target = thread.target
-        count = plan.service_images[overrides["decode"]]
-        figures = _stream(clients, target, files_path, plan, count)
-        if name == "gpu":
-            catalog = _stream(clients, target, files_path, plan, plan.catalog)
-            figures["catalog_s"] = catalog["seconds"]
-            figures["catalog_images_per_s"] = catalog["images_per_s"]
-            figures["errors"] += catalog["errors"]
-        latencies = clients.apply(
-            gpu_load.single_image_latencies, (target, str(files_path), plan.latency_requests)
-        )
-        figures["latency_ms"] = {
-            "p50": median(latencies) * 1000,
-            "p99": percentile(latencies, 99) * 1000,
-        }
-        figures["start_and_warm_up_s"] = start_s
-        figures["peak_allocated_mb"] = _peak_memory_mb(plan.device)
-        figures["device_memory_used_mb"] = _device_memory_used_mb(plan.device)
-    finally:
-        thread.stop(0)
-        if app.engine is not None:
-            app.engine.close(drain=False)
-        _release(plan.device)
-    return figures
-
-
-def _stream(clients: Any, target: str, files_path: Path, plan: Plan, count: int) -> dict:
-    from bench import gpu_load
-
-    share = math.ceil(count / plan.streams)
-    jobs = [
-        (target, str(files_path), share, index * 7919, plan.service_timeout_s)
-        for index in range(plan.streams)
-    ]
-    parts = clients.starmap(gpu_load.stream_images, jobs)
-    seconds = max(p.finished for p in parts) - min(p.started for p in parts)
-    ok = sum(p.ok for p in parts)
-    errors = sum(p.errors for p in parts)
-    first = next((p.first_error for p in parts if p.first_error), "")
-    if first:
-        logger.warning("service stream errors: %s", first)
-    return {
-        "images": ok,
-        "seconds": seconds,
-        "images_per_s": ok / seconds,
-        "errors": errors,
-        "first_error": first,
-        "timed_out": any(p.timed_out for p in parts),
-    }
-
-
-def _reset_peak(device: str) -> None:
-    if device.startswith("cuda"):
-        _torch().cuda.reset_peak_memory_stats()
-
-
-def _peak_memory_mb(device: str) -> float | None:
-    if not device.startswith("cuda"):
-        return None
-    return _torch().cuda.max_memory_allocated() / 2**20
-
-
-def _device_memory_used_mb(device: str) -> float | None:
-    """All memory in use on the GPU (context, nvJPEG, cache included), as nvidia-smi counts."""
-    if not device.startswith("cuda"):
-        return None
-    free, total = _torch().cuda.mem_get_info()
-    return (total - free) / 2**20
-
-
-def _release(device: str) -> None:
-    import gc
-
-    gc.collect()
-    if device.startswith("cuda"):
-        _torch().cuda.empty_cache()
-
-
 # -- the run ---------------------------------------------------------------------------------
 
 STARTED = time.perf_counter()
@@ -579,13 +369,13 @@ def run() -> dict[str, Any]:
             ("model_only", lambda: model_only(plan)),
             ("device_pipeline", lambda: device_pipeline(plan, files)),
             ("engine", lambda: engine_rates(plan, files, cache)),
-            ("service", lambda: service_runs(plan, files_path, cache)),
+            ("service", lambda: service_runs(plan, files_path, cache, STARTED + BUDGET_S)),
         ]
         if plan.device == "cuda" and os.environ.get("VPM_GPU_BENCH_COMPILE", "1") == "1":
             sections.append(("torch_compile", lambda: compiled_rate(plan)))
         for name, section in sections:
             figures[name] = _section(name, section)
-            _release(plan.device)
+            release(plan.device)
     figures["seconds"] = time.perf_counter() - STARTED
     _summary(figures, plan)
     _write(figures)
