@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vpm.v1 import encoder_pb2, encoder_pb2_grpc
 from vpm_common.errors import STATUS_CODES
+from vpm_common.targets import expand, split_targets
 
 logger = logging.getLogger(__name__)
 
@@ -71,32 +72,56 @@ class EncoderTarget:
 
 
 class EncoderFleet:
-    """The encoders of one run, all of the same model."""
+    """The encoders of one run, all of the same model.
+
+    `specs` are target strings: "host:port", or "dns:///name:port", which
+    stands for every address the name resolves to. Names are resolved again
+    every `resolve_every_s` during a run, so replicas added meanwhile (a
+    Kubernetes scale-up) get their own stream too.
+    """
 
     def __init__(
-        self, targets: list[str], window: int = 0, max_attempts: int = 5, stall_s: float = 120.0
+        self,
+        specs: list[str],
+        window: int = 0,
+        max_attempts: int = 5,
+        stall_s: float = 120.0,
+        resolve_every_s: float = 30.0,
     ):
-        if not targets:
+        self.specs = split_targets(specs)
+        if not self.specs:
             raise FleetError("no encoder targets given")
+        self.targets: list[EncoderTarget] = []
+        self._window = window
+        self.max_attempts = max_attempts
+        self.stall_s = stall_s
+        self.resolve_every_s = resolve_every_s
+        self.model_info: encoder_pb2.ModelInfo | None = None
+        try:
+            self.resolve()
+        except ValueError as error:
+            raise FleetError(str(error)) from None
+
+    def resolve(self) -> list[EncoderTarget]:
+        """Add a target for every address the specs name now; returns the new ones."""
+        known = {target.name for target in self.targets}
+        added = []
+        for spec in self.specs:
+            for address in expand(spec):
+                if address not in known:
+                    known.add(address)
+                    added.append(self._target(address))
+        self.targets += added
+        return added
+
+    def _target(self, address: str) -> EncoderTarget:
         options = [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ]
-        self.targets = []
-        for name in targets:
-            channel = aio.insecure_channel(name, options=options)
-            self.targets.append(
-                EncoderTarget(
-                    name,
-                    channel,
-                    encoder_pb2_grpc.EncoderStub(channel),
-                    health_pb2_grpc.HealthStub(channel),
-                )
-            )
-        self._window = window
-        self.max_attempts = max_attempts
-        self.stall_s = stall_s
-        self.model_info: encoder_pb2.ModelInfo | None = None
+        channel = aio.insecure_channel(address, options=options)
+        stub, health = encoder_pb2_grpc.EncoderStub(channel), health_pb2_grpc.HealthStub(channel)
+        return EncoderTarget(address, channel, stub, health)
 
     async def close(self) -> None:
         for target in self.targets:
@@ -180,17 +205,31 @@ class _Run:
         self.last_progress = time.monotonic()
 
     async def until_done(self) -> None:
-        drivers = [asyncio.create_task(self._drive(target)) for target in self.fleet.targets]
+        self.drivers = [asyncio.create_task(self._drive(target)) for target in self.fleet.targets]
         watchdog = asyncio.create_task(self._watch())
+        resolver = asyncio.create_task(self._resolve_periodically())
         finished = asyncio.create_task(self.finished.wait())
         try:
             await asyncio.wait({finished, watchdog}, return_when=asyncio.FIRST_COMPLETED)
             if watchdog.done():
                 watchdog.result()  # raises FleetError
         finally:
-            for task in (*drivers, watchdog, finished):
+            tasks = [*self.drivers, watchdog, resolver, finished]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*drivers, watchdog, finished, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _resolve_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.fleet.resolve_every_s)
+            try:
+                added = await asyncio.to_thread(self.fleet.resolve)
+            except ValueError as error:
+                logger.warning("cannot resolve encoders again: %s", error)
+                continue
+            for target in added:
+                logger.info("encoder %s appeared; sending it images too", target.name)
+                self.drivers.append(asyncio.create_task(self._drive(target)))
 
     async def _watch(self) -> None:
         while not self.finished.is_set():

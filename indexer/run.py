@@ -8,14 +8,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from indexer.encoding import EncoderFleet, Job, Outcome
+from indexer.encoding import EncoderFleet, FleetError, Job, Outcome
 from indexer.plan import Hashed, Plan, make_plan
 from indexer.progress import Progress
 from indexer.settings import IndexerSettings
 from indexer.sources import Discovery, SourceItem, fashion_catalog, folder_catalog
 from indexer.upload import SearchClient, Uploader
 from vpm.v1 import search_pb2
-from vpm_common.targets import expand, split_targets
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +84,12 @@ async def run(settings: IndexerSettings) -> Summary:
         )
     logger.info("found %d products with images", summary.found)
 
-    targets = [address for target in split_targets(settings.encoder) for address in expand(target)]
-    fleet = EncoderFleet(targets, window=settings.window, stall_s=settings.stall_s)
+    try:
+        fleet = EncoderFleet(
+            list(settings.encoder), window=settings.window, stall_s=settings.stall_s
+        )
+    except FleetError as error:
+        raise SetupError(str(error)) from None
     search = SearchClient(settings.search, timeout_s=settings.timeout_s)
     try:
         plan = await _prepare(settings, discovery, fleet, search, summary)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from indexer.encoding import EncoderFleet, FleetError, Job, Outcome
 from tests import images
 from tests.support import free_port
+from vpm_common.targets import expand, split_targets
 
 
 def write_jobs(folder: Path, count: int) -> list[Job]:
@@ -61,8 +63,7 @@ def test_two_encoders_share_the_work_and_bad_files_fail_alone(make_encoder, tmp_
         vector = outcomes[str(index)].vector
         assert vector is not None and vector.shape == (64,)
         assert (
-            outcomes[str(index)].sha256
-            == __import__("hashlib").sha256(jobs[index].path.read_bytes()).hexdigest()
+            outcomes[str(index)].sha256 == hashlib.sha256(jobs[index].path.read_bytes()).hexdigest()
         )
     assert min(spread.values()) >= 10, spread  # both took a real share
 
@@ -108,3 +109,20 @@ def test_encoders_of_different_models_are_refused(make_encoder) -> None:
 def test_no_encoder_at_all_is_a_clear_error() -> None:
     with pytest.raises(FleetError, match="no encoder answered within 5 s"):
         encode([f"127.0.0.1:{free_port()}"], [])
+
+
+def test_a_dns_target_streams_to_every_address_it_resolves_to(make_encoder, tmp_path: Path) -> None:
+    live, _ = make_encoder()
+    port = live.target.rsplit(":", 1)[1]
+    assert "127.0.0.1:" + port in expand(f"dns:///localhost:{port}")
+    outcomes, spread = encode([f"dns:///localhost:{port}"], write_jobs(tmp_path / "images", 10))
+    assert len(outcomes) == 10 and spread[f"127.0.0.1:{port}"] == 10
+
+
+def test_target_lists_are_parsed_and_bad_names_are_clear() -> None:
+    assert split_targets(" a:1, ,b:2,") == ["a:1", "b:2"]
+    assert expand("host:50051") == ["host:50051"]
+    with pytest.raises(ValueError, match="expected dns:///name:port"):
+        expand("dns:///no-port")
+    with pytest.raises(ValueError, match="cannot resolve no-such-host.invalid"):
+        expand("dns:///no-such-host.invalid:50051")
