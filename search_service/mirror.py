@@ -209,7 +209,7 @@ class CatalogMirror:
                 break
         return np.concatenate(pages)
 
-    # -- changes (the engine's writer lock is held) --------------------------------------
+    # -- changes (on the engine's single applier thread, in commit order) ----------------
 
     def apply(
         self,
@@ -231,7 +231,9 @@ class CatalogMirror:
         self._train_if_ready()
 
     def remove(self, version: int, keys: np.ndarray) -> None:
-        """Apply this process's own committed deletion."""
+        """Apply this process's own committed deletion (none: `version` is the current one)."""
+        if len(keys) == 0:
+            return
         if version != self.version + 1:
             self.catch_up()
             return
