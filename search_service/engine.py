@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import logging
-import re
 import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
@@ -22,15 +20,13 @@ from pathlib import Path
 import numpy as np
 
 from search_service.catalog import Catalog
+from search_service.checks import checked_items, query_options
 from search_service.embedder import QueryEmbedder
-from search_service.filters import Term, parse_filters
+from search_service.filters import Term
 from search_service.index import FLAT, single_threaded
 from search_service.mirror import CatalogMirror, Change
 from search_service.models import (
     DEFAULT_TOP_K,
-    MAX_ID_LENGTH,
-    MAX_RESULT_WINDOW,
-    MAX_TOP_K,
     DeleteSummary,
     ItemFailure,
     Match,
@@ -41,7 +37,7 @@ from search_service.models import (
     UpsertItem,
     UpsertSummary,
 )
-from search_service.vectors import unit_vector, unit_vectors
+from search_service.vectors import unit_vector
 from vpm_common.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -52,7 +48,6 @@ from vpm_common.errors import (
 
 logger = logging.getLogger(__name__)
 
-SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 QUERY_KINDS = ("image", "text", "product_id", "vector")
 
 
@@ -128,7 +123,7 @@ class SearchEngine:
         kinds = [kind for kind in QUERY_KINDS if getattr(query, kind) is not None]
         if len(kinds) != 1:
             raise InvalidArgument("query: set exactly one of image, text, product_id and vector")
-        top_k, terms = _check_options(query)
+        top_k, terms = query_options(query)
         vector = query.vector
         if query.image is not None:
             vector = await self._embed(query.image, "image")
@@ -300,11 +295,11 @@ class SearchEngine:
         ids: set[str] = set()
         for product, vector in items:
             if product.id in ids or len(batch) >= self.batch_size:
-                summary.add(self._commit(_pairs(_checked(batch, summary)), applying))
+                summary.add(self._commit(_pairs(checked_items(batch, summary)), applying))
                 batch, ids = [], set()
             batch.append(UpsertItem(product, vector))
             ids.add(product.id)
-        summary.add(self._commit(_pairs(_checked(batch, summary)), applying))
+        summary.add(self._commit(_pairs(checked_items(batch, summary)), applying))
         for future in applying:
             future.result()
         return summary
@@ -325,7 +320,7 @@ class SearchEngine:
         """Check a batch, skip unchanged images, fill model ids, encode images (failures noted)."""
         ready: list[tuple[Product, np.ndarray]] = []
         images: list[tuple[Product, bytes]] = []
-        for item in _checked(batch, summary):
+        for item in checked_items(batch, summary):
             if item.image is None:
                 ready.append((item.product, item.vector))
             elif self._unchanged_image(item.product):
@@ -437,65 +432,6 @@ class SearchEngine:
                     (dataclasses.replace(product, model_id=outcome.model_id), outcome.vector)
                 )
         return encoded
-
-
-def _check_options(query: SearchQuery) -> tuple[int, list[Term]]:
-    top_k = query.top_k or DEFAULT_TOP_K
-    if not 1 <= top_k <= MAX_TOP_K:
-        raise InvalidArgument(
-            f"top_k: must be between 1 and {MAX_TOP_K} (0 means {DEFAULT_TOP_K}), got {top_k}"
-        )
-    if query.offset < 0:
-        raise InvalidArgument(f"offset: must not be negative, got {query.offset}")
-    if query.offset + top_k > MAX_RESULT_WINDOW:
-        raise InvalidArgument(
-            f"offset: offset + top_k must be at most {MAX_RESULT_WINDOW}, "
-            f"got {query.offset + top_k}"
-        )
-    if query.min_score is not None and not np.isfinite(query.min_score):
-        raise InvalidArgument(f"min_score: must be a finite number, got {query.min_score}")
-    return top_k, parse_filters(query.filters)
-
-
-def _checked(items: list[UpsertItem], summary: UpsertSummary) -> list[UpsertItem]:
-    """Items that pass the checks, vectors normalized and image hashes set; failures recorded."""
-    kept: list[UpsertItem] = []
-    with_vectors: list[int] = []
-    for item in items:
-        try:
-            item = _check_item(item)
-        except InvalidArgument as err:
-            summary.failures.append(ItemFailure(item.product.id, err.code, err.message))
-            continue
-        if item.vector is not None:
-            with_vectors.append(len(kept))
-        kept.append(item)
-    vectors = unit_vectors([kept[i].vector for i in with_vectors], "vector")
-    failed = set()
-    for i, vector in zip(with_vectors, vectors, strict=True):
-        if isinstance(vector, InvalidArgument):
-            summary.failures.append(ItemFailure(kept[i].product.id, vector.code, vector.message))
-            failed.add(i)
-        else:
-            kept[i] = UpsertItem(kept[i].product, vector)
-    return [item for i, item in enumerate(kept) if i not in failed]
-
-
-def _check_item(item: UpsertItem) -> UpsertItem:
-    product = item.product
-    if not 1 <= len(product.id) <= MAX_ID_LENGTH:
-        raise InvalidArgument(f"id: must be 1 to {MAX_ID_LENGTH} characters, got {len(product.id)}")
-    has_vector = item.vector is not None and len(item.vector) > 0
-    if has_vector == (item.image is not None):
-        raise InvalidArgument("vector, image: set exactly one of them")
-    if item.image is None:
-        if product.image_sha256 and not SHA256_HEX.fullmatch(product.image_sha256):
-            raise InvalidArgument("image_sha256: must be 64 lower-case hex digits")
-        return item
-    if not item.image:
-        raise InvalidArgument("image: must not be empty")
-    digest = hashlib.sha256(item.image).hexdigest()
-    return UpsertItem(dataclasses.replace(product, image_sha256=digest), image=item.image)
 
 
 def _pairs(items: list[UpsertItem]) -> list[tuple[Product, np.ndarray]]:

@@ -1,0 +1,85 @@
+"""Checks of what enters the service: search options, and upsert items (ids, vectors, images)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+
+import numpy as np
+
+from search_service.filters import Term, parse_filters
+from search_service.models import (
+    DEFAULT_TOP_K,
+    MAX_ID_LENGTH,
+    MAX_RESULT_WINDOW,
+    MAX_TOP_K,
+    ItemFailure,
+    SearchQuery,
+    UpsertItem,
+    UpsertSummary,
+)
+from search_service.vectors import unit_vectors
+from vpm_common.errors import InvalidArgument
+
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def query_options(query: SearchQuery) -> tuple[int, list[Term]]:
+    """top_k (0 means the default) and the parsed filters; InvalidArgument naming the field."""
+    top_k = query.top_k or DEFAULT_TOP_K
+    if not 1 <= top_k <= MAX_TOP_K:
+        raise InvalidArgument(
+            f"top_k: must be between 1 and {MAX_TOP_K} (0 means {DEFAULT_TOP_K}), got {top_k}"
+        )
+    if query.offset < 0:
+        raise InvalidArgument(f"offset: must not be negative, got {query.offset}")
+    if query.offset + top_k > MAX_RESULT_WINDOW:
+        raise InvalidArgument(
+            f"offset: offset + top_k must be at most {MAX_RESULT_WINDOW}, "
+            f"got {query.offset + top_k}"
+        )
+    if query.min_score is not None and not np.isfinite(query.min_score):
+        raise InvalidArgument(f"min_score: must be a finite number, got {query.min_score}")
+    return top_k, parse_filters(query.filters)
+
+
+def checked_items(items: list[UpsertItem], summary: UpsertSummary) -> list[UpsertItem]:
+    """Items that pass the checks, vectors normalized and image hashes set; failures recorded."""
+    kept: list[UpsertItem] = []
+    with_vectors: list[int] = []
+    for item in items:
+        try:
+            item = _check_item(item)
+        except InvalidArgument as err:
+            summary.failures.append(ItemFailure(item.product.id, err.code, err.message))
+            continue
+        if item.vector is not None:
+            with_vectors.append(len(kept))
+        kept.append(item)
+    vectors = unit_vectors([kept[i].vector for i in with_vectors], "vector")
+    failed = set()
+    for i, vector in zip(with_vectors, vectors, strict=True):
+        if isinstance(vector, InvalidArgument):
+            summary.failures.append(ItemFailure(kept[i].product.id, vector.code, vector.message))
+            failed.add(i)
+        else:
+            kept[i] = UpsertItem(kept[i].product, vector)
+    return [item for i, item in enumerate(kept) if i not in failed]
+
+
+def _check_item(item: UpsertItem) -> UpsertItem:
+    product = item.product
+    if not 1 <= len(product.id) <= MAX_ID_LENGTH:
+        raise InvalidArgument(f"id: must be 1 to {MAX_ID_LENGTH} characters, got {len(product.id)}")
+    has_vector = item.vector is not None and len(item.vector) > 0
+    if has_vector == (item.image is not None):
+        raise InvalidArgument("vector, image: set exactly one of them")
+    if item.image is None:
+        if product.image_sha256 and not SHA256_HEX.fullmatch(product.image_sha256):
+            raise InvalidArgument("image_sha256: must be 64 lower-case hex digits")
+        return item
+    if not item.image:
+        raise InvalidArgument("image: must not be empty")
+    digest = hashlib.sha256(item.image).hexdigest()
+    return UpsertItem(dataclasses.replace(product, image_sha256=digest), image=item.image)
