@@ -18,17 +18,20 @@ from __future__ import annotations
 import io
 import logging
 import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from encoder_service.gpu_pipeline import CpuPixels, JpegRecord, TensorImagePipeline
+from encoder_service.gpu_pipeline import (
+    CpuPixels,
+    JpegRecord,
+    PreparedBatch,
+    TensorImagePipeline,
+)
 from encoder_service.metrics import EncoderMetrics
 from encoder_service.runtimes import TorchRuntime
-from vpm_common.errors import VpmError
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +40,9 @@ logger = logging.getLogger(__name__)
 class _Launched:
     """A batch on its way: where its vectors will land, and how to know they have."""
 
-    size: int
-    kept: list[int]
-    errors: dict[int, VpmError]
-    host: Any  # float32 (len(kept), D), filled once `done` is reached
-    marks: tuple[Any, Any, Any]  # before preprocess, after preprocess, after the copy
-    decode_s: float
+    prepared: PreparedBatch
+    host: Any  # float32 (N, D) in pinned memory, filled once `done` is reached
+    done: Any  # a CUDA event recorded after the copy; None on the CPU
 
 
 class DeviceImageBatches:
@@ -88,57 +88,36 @@ class DeviceImageBatches:
 
     def _launch(self, payloads: list[JpegRecord | CpuPixels]) -> _Launched:
         torch = self._torch
-        started = time.perf_counter()
-        images, errors = self.pipeline.decode(payloads)
-        decode_s = time.perf_counter() - started
-        kept = [index for index in range(len(payloads)) if index not in errors]
-        before = self._mark()
-        if kept:
-            pixels = self.pipeline.preprocess([images[index] for index in kept])
-            preprocessed = self._mark()
-            features = self._runtime.encode_images_on_device(pixels)
-            unit = torch.nn.functional.normalize(features.float(), dim=1)
-            host = torch.empty(unit.shape, dtype=torch.float32, pin_memory=self._cuda)
-            host.copy_(unit, non_blocking=True)
-        else:
-            preprocessed = before
-            host = torch.empty((0, 0), dtype=torch.float32)
-        return _Launched(
-            len(payloads), kept, errors, host, (before, preprocessed, self._mark()), decode_s
-        )
-
-    def _mark(self) -> Any:
-        """A point on the device's timeline: a CUDA event there, the host clock on the CPU."""
+        prepared = self.pipeline.prepare(payloads)
+        features = self._runtime.encode_images_on_device(prepared.pixels)
+        unit = torch.nn.functional.normalize(features.float(), dim=1)
         if not self._cuda:
-            return time.perf_counter()
-        event = self._torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def _seconds(self, start: Any, end: Any) -> float:
-        return start.elapsed_time(end) / 1000 if self._cuda else end - start
+            return _Launched(prepared, unit, None)
+        host = torch.empty(unit.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(unit, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return _Launched(prepared, host, done)
 
     def _finish(self, launched: _Launched, futures: list[Future]) -> None:
         """The finishing thread: wait for the batch's copy, then settle each item's future."""
         try:
-            before, preprocessed, done = launched.marks
-            if self._cuda:
-                done.synchronize()
+            if launched.done is not None:
+                launched.done.synchronize()
             rows = np.array(launched.host.numpy(), dtype=np.float32)
+            prepared = launched.prepared
             if self._observe:
                 stage = self._metrics.stage_seconds
-                stage.labels("decode").observe(launched.decode_s)
-                stage.labels("preprocess").observe(self._seconds(before, preprocessed))
-            outcomes: dict[int, Any] = dict(launched.errors)
-            outcomes.update(zip(launched.kept, rows, strict=True))
+                stage.labels("decode").observe(prepared.decode_s)
+                stage.labels("preprocess").observe(prepared.preprocess_s())
             for index, future in enumerate(futures):
-                outcome = outcomes[index]
-                if isinstance(outcome, VpmError):
-                    future.set_exception(outcome)
+                error = prepared.errors.get(index)
+                if error is not None:
+                    future.set_exception(error)
                 else:
-                    future.set_result(outcome)
+                    future.set_result(rows[index])
         except BaseException as error:  # noqa: BLE001 - every waiting caller must hear of it
-            logger.exception("finishing an image batch of %d failed", launched.size)
+            logger.exception("finishing an image batch of %d failed", len(futures))
             for future in futures:
                 if not future.done():
                     future.set_exception(error)

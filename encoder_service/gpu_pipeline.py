@@ -112,12 +112,16 @@ class CpuPixels:
 
 @dataclass
 class PreparedBatch:
-    """Model input for the batch's good images, and the per-item errors of the others."""
+    """Model input for a whole batch (an error's row is zeros), and the per-item errors."""
 
-    pixels: Any  # (len(kept), 3, H, W) in the model's input dtype, on the device
-    kept: list[int]  # payload index of each row of `pixels`
+    pixels: Any  # (N, 3, H, W) in the model's input dtype, on the device
     errors: dict[int, VpmError]
-    decode_s: float  # host time spent decoding (nvJPEG returns when it is done)
+    decode_s: float  # host time spent in the device decoder (it returns when done)
+    preprocess_marks: list[tuple[Any, Any]]  # (start, end) per chunk: see preprocess_s
+
+    def preprocess_s(self) -> float:
+        """Device time spent resizing and normalizing; on CUDA, ask once the batch is done."""
+        return sum(_seconds(start, end) for start, end in self.preprocess_marks)
 
 
 DecodeJpegs = Callable[[list[Any], str], list[Any]]
@@ -200,12 +204,35 @@ class TensorImagePipeline:
     # -- the inference thread ------------------------------------------------------
 
     def prepare(self, payloads: Sequence[JpegRecord | CpuPixels]) -> PreparedBatch:
-        """Decode and preprocess a batch on the device; bad items become per-item errors."""
-        started = time.perf_counter()
-        images, errors = self.decode(payloads)
-        decode_s = time.perf_counter() - started
-        kept = [index for index in range(len(payloads)) if index not in errors]
-        return PreparedBatch(self.preprocess([images[i] for i in kept]), kept, errors, decode_s)
+        """Decode and preprocess a batch on the device; bad items become per-item errors.
+
+        It goes a chunk of pixels at a time (decode, then resize into the
+        batch's rows), so a batch of large photos never holds all of its
+        decoded pixels on the device at once.
+        """
+        torch = self._torch
+        height, width = self.transform.crop
+        out = torch.zeros((len(payloads), 3, height, width), dtype=self.dtype, device=self.device)
+        prepared = PreparedBatch(out, {}, 0.0, [])
+        sizes = [_payload_size(payload) for payload in payloads]
+        for chunk in _chunks(list(range(len(payloads))), sizes, DECODE_PIXEL_BUDGET):
+            started = time.perf_counter()
+            images, errors = self.decode([payloads[index] for index in chunk])
+            prepared.decode_s += time.perf_counter() - started
+            prepared.errors.update((chunk[at], error) for at, error in errors.items())
+            rows = [chunk[at] for at in sorted(images)]
+            start = self._mark()
+            self.preprocess(out, rows, [images[at] for at in sorted(images)])
+            prepared.preprocess_marks.append((start, self._mark()))
+        return prepared
+
+    def _mark(self) -> Any:
+        """A point on the device's timeline: a CUDA event there, the host clock on the CPU."""
+        if not self._pin:
+            return time.perf_counter()
+        event = self._torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def decode(
         self, payloads: Sequence[JpegRecord | CpuPixels]
@@ -214,9 +241,9 @@ class TensorImagePipeline:
         images: dict[int, tuple[Any, int]] = {}
         errors: dict[int, VpmError] = {}
         jpegs = [i for i, payload in enumerate(payloads) if isinstance(payload, JpegRecord)]
-        for chunk in _chunks(jpegs, [payloads[i].header for i in jpegs], DECODE_PIXEL_BUDGET):
-            outcomes = self._decode_or_split([payloads[i] for i in chunk])
-            for index, outcome in zip(chunk, outcomes, strict=True):
+        if jpegs:
+            outcomes = self._decode_or_split([payloads[i] for i in jpegs])
+            for index, outcome in zip(jpegs, outcomes, strict=True):
                 if isinstance(outcome, VpmError):
                     errors[index] = outcome
                 else:
@@ -273,22 +300,18 @@ class TensorImagePipeline:
         """uint8 (H, W, 3) on the CPU -> uint8 (3, H, W) on the device; uint8 over the bus."""
         return pixels.to(self.device, non_blocking=True).permute(2, 0, 1)
 
-    def preprocess(self, images: list[tuple[Any, int]]) -> Any:
-        """Upright, resize, crop, normalize: images of one size and orientation go together."""
+    def preprocess(self, out: Any, rows: list[int], images: list[tuple[Any, int]]) -> None:
+        """Upright, resize, crop, normalize into out[rows], images of one size and turn at once."""
         torch = self._torch
-        height, width = self.transform.crop
-        out = torch.empty((len(images), 3, height, width), dtype=self.dtype, device=self.device)
         groups: dict[tuple[int, int, int], list[int]] = defaultdict(list)
-        for row, (image, orientation) in enumerate(images):
-            groups[(orientation, *image.shape[-2:])].append(row)
-        for (orientation, h, w), rows in groups.items():
-            sizes = [_Size(w, h)] * len(rows)
-            for chunk in _chunks(rows, sizes, RESIZE_PIXEL_BUDGET):
-                batch = torch.stack([images[row][0] for row in chunk])
+        for at, (image, orientation) in enumerate(images):
+            groups[(orientation, *image.shape[-2:])].append(at)
+        for (orientation, h, w), members in groups.items():
+            for chunk in _chunks(members, [_Size(w, h)] * len(members), RESIZE_PIXEL_BUDGET):
+                batch = torch.stack([images[at][0] for at in chunk])
                 if orientation != FINAL:
                     batch = self._resize_crop(upright(batch, orientation))
-                self._put(out, chunk, self._normalize(batch))
-        return out
+                self._put(out, [rows[at] for at in chunk], self._normalize(batch))
 
     def _put(self, out: Any, rows: list[int], values: Any) -> None:
         """out[rows] = values, without a host sync (a CUDA index tensor made from a list syncs)."""
@@ -325,6 +348,20 @@ class TensorImagePipeline:
 class _Size:
     width: int
     height: int
+
+
+def _payload_size(payload: JpegRecord | CpuPixels) -> Any:
+    if isinstance(payload, JpegRecord):
+        return payload.header
+    height, width = payload.pixels.shape[:2]
+    return _Size(width, height)
+
+
+def _seconds(start: Any, end: Any) -> float:
+    """Between two marks: CUDA events (both reached) or host clock readings."""
+    if isinstance(start, float):
+        return end - start
+    return start.elapsed_time(end) / 1000
 
 
 def _chunks(indices: list[int], sizes: Sequence[Any], budget: int) -> list[list[int]]:
