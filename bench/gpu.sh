@@ -13,8 +13,14 @@ cd "$(dirname "$0")/.."
 python="${PYTHON:-python3}"
 site=/tmp/site
 if compgen -G ".whl/*.whl" >/dev/null; then
-    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "$site" .whl/*.whl
+    if "$python" -m pip --version >/dev/null 2>&1; then
+        "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target "$site" .whl/*.whl
+    else  # a wheel is a zip laid out for site-packages
+        echo "gpu.sh: no pip here; unpacking the wheels into $site"
+        "$python" -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]' \
+            "$site" .whl/*.whl
+    fi
 else
     echo "gpu.sh: no wheels in .whl/ (bash bench/gpu_wheels.sh makes them); using what is installed"
 fi
@@ -26,7 +32,8 @@ if [ ! -f vpm/v1/encoder_pb2_grpc.py ]; then
 fi
 
 if command -v nvidia-smi >/dev/null; then
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
+        || echo "nvidia-smi: failed"
 else
     echo "nvidia-smi: not found"
 fi
