@@ -90,12 +90,17 @@ def test_indexing_shares_encoders_survives_a_kill_and_returns_to_a_restarted_one
         tmp_path / "indexer.log",
     )  # fmt: skip
     try:
-        # A fair share while both run.
-        wait_until(lambda: first.encoded() + second.encoded() >= 200)
-        shares = first.encoded(), second.encoded()
-        assert min(shares) >= 0.3 * sum(shares), shares
+        # A fair share while both run (counted after both streams are warm): each
+        # encoder pulls images as fast as it frees window slots, so on a quiet
+        # machine the split is about even; a loaded one skews it a little.
+        wait_until(lambda: first.encoded() + second.encoded() >= 100)
+        start = first.encoded(), second.encoded()
+        wait_until(lambda: first.encoded() + second.encoded() >= sum(start) + 400)
+        shares = first.encoded() - start[0], second.encoded() - start[1]
+        assert min(shares) >= 0.25 * sum(shares), shares
         first.process.kill()
-        wait_until(lambda: second.encoded() >= shares[1] + 40)  # the run goes on without it
+        after_kill = second.encoded()
+        wait_until(lambda: second.encoded() >= after_kill + 40)  # the run goes on without it
         first.start()  # same port, a fresh process
         wait_until(
             lambda: first.encoded() >= 20 or indexer.process.poll() is not None, timeout_s=60
