@@ -26,6 +26,15 @@ else
 fi
 export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
+# Our protobuf must win over the machine's. If the machine's `google` is a regular
+# package (an old protobuf's google/__init__.py), it hides our namespace portion,
+# unless ours is made a regular package too, found first on the path.
+ours() { "$python" -c "import google.protobuf as p, sys; sys.exit(p.__file__.find('$site') != 0)"; }
+if [ -d "$site/google/protobuf" ] && ! ours; then
+    touch "$site/google/__init__.py"
+    ours || echo "gpu.sh: warning: the machine's protobuf still comes first"
+fi
+
 if [ ! -f vpm/v1/encoder_pb2_grpc.py ]; then
     "$python" -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. \
         protos/vpm/v1/*.proto
