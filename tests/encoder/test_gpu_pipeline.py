@@ -63,8 +63,9 @@ def encode_both_ways(loaded, files: list[bytes], device: str = "cpu"):
     expected = torch.stack([reference(data)[0] for data in files])
     model = loaded.model
     with torch.inference_mode():
+        theirs = unit(model.encode_image(expected))  # fp32 on the CPU, before any cast
         ours = unit(model.to(device, prepared.pixels.dtype).encode_image(prepared.pixels))
-        theirs = unit(model.float().cpu().encode_image(expected))
+    model.to("cpu", torch.float32)
     return ours, theirs, payloads
 
 
