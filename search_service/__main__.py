@@ -75,6 +75,7 @@ async def serve(settings: SearchSettings) -> int:
         embedder=embedder,
         batch_size=settings.batch_size,
         search_threads=settings.search_threads,
+        scan_threads=settings.scan_threads,
     )
     app = SearchApp(engine)
     server, port = await create_server(settings, app)

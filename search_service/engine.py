@@ -64,12 +64,13 @@ class SearchEngine:
         embedder: QueryEmbedder | None = None,
         batch_size: int = 5000,
         search_threads: int = 8,
+        scan_threads: int = 1,
     ) -> None:
         self.catalog = catalog
         self.embedder = embedder or QueryEmbedder(None)
         self.batch_size = batch_size
         self.index_factory = index_factory
-        self.mirror = CatalogMirror(catalog, data_dir, index_factory, index_params)
+        self.mirror = CatalogMirror(catalog, data_dir, index_factory, index_params, scan_threads)
         self._writer = threading.Lock()  # orders catalog writes
         # Applies committed writes to the mirror, one at a time, in commit order.
         self._applier = ThreadPoolExecutor(1, thread_name_prefix="apply")

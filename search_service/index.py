@@ -20,6 +20,8 @@ import json
 import logging
 import os
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import faiss
@@ -87,18 +89,24 @@ def training_need(factory: str) -> int:
 class VectorIndex:
     """Unit vectors keyed by int64 catalog keys; scores are inner products (cosines)."""
 
-    def __init__(self, dim: int, factory: str = FLAT, params: str = "") -> None:
+    def __init__(
+        self, dim: int, factory: str = FLAT, params: str = "", scan_threads: int = 1
+    ) -> None:
         self.dim = dim
         self.factory = factory
         self.params = params
         self._present = np.zeros(0, dtype=bool)  # by key
         if factory == FLAT:
             self._exact = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-            self._coarse = faiss.IndexIDMap2(
-                faiss.IndexScalarQuantizer(
-                    dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
+            # The float16 copy in shards (key % shards) that one query scans in parallel.
+            self._coarse = [
+                faiss.IndexIDMap2(
+                    faiss.IndexScalarQuantizer(
+                        dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
+                    )
                 )
-            )
+                for _ in range(max(1, scan_threads))
+            ]
             self._ann = None
         else:
             self._ann = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
@@ -157,7 +165,7 @@ class VectorIndex:
         self._grow(int(keys.max()) + 1)
         if self._ann is None:
             self._exact.add_with_ids(vectors, keys)
-            self._coarse.add_with_ids(vectors, keys)
+            self._add_coarse(keys, vectors)
         else:
             first = int(self._ann.ntotal)
             labels = np.arange(first, first + len(keys), dtype=np.int64)
@@ -180,7 +188,8 @@ class VectorIndex:
         if self._ann is None:
             selector = faiss.IDSelectorBatch(keys)
             self._exact.remove_ids(selector)
-            self._coarse.remove_ids(selector)
+            for shard in self._coarse:
+                shard.remove_ids(selector)
         else:
             self._label_keys[self._key_labels[keys]] = -1
             self._key_labels[keys] = -1
@@ -228,11 +237,9 @@ class VectorIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         bits = None if allowed is None else _bitmap(allowed, len(self._present))
         selector = None if bits is None else faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))
-        params = None if selector is None else faiss.SearchParameters(sel=selector)
         fetch = min(available, max(2 * k, k + 64))
         while True:
-            coarse_scores, keys = self._coarse.search(query, fetch, params=params)
-            keys, coarse_scores = keys[0], coarse_scores[0]
+            coarse_scores, keys = self._coarse_search(query, fetch, selector)
             held = keys >= 0
             keys, coarse_scores = keys[held], coarse_scores[held]
             # A vector left out scores at most coarse_scores[-1] + error in float32; the k
@@ -244,6 +251,36 @@ class VectorIndex:
             ):
                 return self._score(query[0], keys, k)
             fetch = min(available, fetch * 4)
+
+    def _add_coarse(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        shards = len(self._coarse)
+        if shards == 1:
+            self._coarse[0].add_with_ids(vectors, keys)
+            return
+        for number, shard in enumerate(self._coarse):
+            mine = keys % shards == number
+            shard.add_with_ids(np.ascontiguousarray(vectors[mine]), keys[mine])
+
+    def _coarse_search(
+        self, query: np.ndarray, fetch: int, selector: faiss.IDSelector | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The best `fetch` (float16 scores, keys) over all shards, scanned in parallel."""
+
+        def scan(shard: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
+            # A SearchParameters per call: IndexIDMap2.search swaps in its own selector
+            # while it runs, so one shared between threads would be a data race.
+            params = None if selector is None else faiss.SearchParameters(sel=selector)
+            return shard.search(query, fetch, params=params)
+
+        if len(self._coarse) == 1:
+            scores, keys = scan(self._coarse[0])
+            return scores[0], keys[0]
+        parts = [_scan_pool(len(self._coarse)).submit(scan, shard) for shard in self._coarse]
+        scores = np.concatenate([part.result()[0][0] for part in parts])
+        keys = np.concatenate([part.result()[1][0] for part in parts])
+        # Each shard's own best `fetch` are all here, so the merged best `fetch` are exact.
+        best = np.argsort(-scores, kind="stable")[:fetch]
+        return scores[best], keys[best]
 
     def _ann_search(
         self, query: np.ndarray, k: int, allowed: np.ndarray | None
@@ -359,7 +396,7 @@ class VectorIndex:
         return arrays
 
     @classmethod
-    def load(cls, path: Path) -> tuple[VectorIndex, dict]:
+    def load(cls, path: Path, scan_threads: int = 1) -> tuple[VectorIndex, dict]:
         """The index saved at `path` and its meta; SnapshotError when it cannot be trusted."""
         try:
             with np.load(path, allow_pickle=False) as archive:
@@ -375,7 +412,9 @@ class VectorIndex:
         if hashlib.sha256(data).hexdigest() != header.get("sha256"):
             raise SnapshotError(f"snapshot {path} fails its checksum")
         try:
-            index = cls(int(header["dim"]), header["factory"], header.get("params", ""))
+            index = cls(
+                int(header["dim"]), header["factory"], header.get("params", ""), scan_threads
+            )
             index._restore(faiss.deserialize_index(data), label_keys)
         except Exception as err:  # noqa: BLE001
             raise SnapshotError(f"snapshot {path} does not load: {err}") from None
@@ -391,7 +430,7 @@ class VectorIndex:
             flat = faiss.downcast_index(self._exact.index)
             vectors = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * self.dim)
             if len(keys):
-                self._coarse.add_with_ids(vectors.reshape(-1, self.dim), keys)
+                self._add_coarse(keys, vectors.reshape(-1, self.dim))
         else:
             self._ann = main
             self._apply_params()
@@ -404,6 +443,21 @@ class VectorIndex:
             self._present[keys] = True
             if self._ann is not None:
                 self._key_labels[keys] = np.flatnonzero(self._label_keys >= 0)
+
+
+_scan_pools: dict[int, ThreadPoolExecutor] = {}
+_scan_pools_lock = threading.Lock()
+
+
+def _scan_pool(threads: int) -> ThreadPoolExecutor:
+    """The process's threads for scanning shards, set up like search threads."""
+    with _scan_pools_lock:
+        pool = _scan_pools.get(threads)
+        if pool is None:
+            pool = _scan_pools[threads] = ThreadPoolExecutor(
+                threads, thread_name_prefix="scan", initializer=single_threaded
+            )
+        return pool
 
 
 def _bitmap(ids: np.ndarray, size: int) -> np.ndarray:

@@ -45,9 +45,15 @@ class CatalogMirror:
     """Products by key, keys by id, filters and the vector index, at catalog version `version`."""
 
     def __init__(
-        self, catalog: Catalog, data_dir: Path, factory: str = "Flat", params: str = ""
+        self,
+        catalog: Catalog,
+        data_dir: Path,
+        factory: str = "Flat",
+        params: str = "",
+        scan_threads: int = 1,
     ) -> None:
         self.catalog = catalog
+        self.scan_threads = scan_threads
         self.snapshot_path = Path(data_dir) / SNAPSHOT_NAME
         self.factory = factory
         self.params = params
@@ -147,7 +153,7 @@ class CatalogMirror:
         if state.dim is None:
             return None
         try:
-            index, meta = VectorIndex.load(self.snapshot_path)
+            index, meta = VectorIndex.load(self.snapshot_path, self.scan_threads)
         except SnapshotError as err:
             logger.warning("%s: rebuilding the index from the catalog", err)
             return None
@@ -181,7 +187,7 @@ class CatalogMirror:
         if state.dim is None:
             return None
         known = np.sort(np.fromiter(self.records, dtype=np.int64, count=len(self.records)))
-        index = VectorIndex(state.dim, self.factory, self.params)
+        index = self._new_index(state.dim)
         total = self.catalog.count()
         if not index.is_trained:
             if total < training_need(self.factory):
@@ -264,10 +270,13 @@ class CatalogMirror:
         )
         self._train_if_ready()
 
+    def _new_index(self, dim: int) -> VectorIndex:
+        return VectorIndex(dim, self.factory, self.params, self.scan_threads)
+
     def _set_model(self, model_id: str | None, dim: int | None) -> None:
         self.model_id, self.dim = model_id, dim
         if self.index is None and dim is not None:
-            self.index = VectorIndex(dim, self.factory, self.params)
+            self.index = self._new_index(dim)
 
     def _put(self, changes: Sequence[Change], codes: dict[str, np.ndarray]) -> None:
         """Record changed products, their filter `codes` and their vectors (write lock held)."""

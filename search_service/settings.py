@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,10 @@ class SearchSettings:
         300.0, "seconds between index snapshots while the catalog changes (0: only at shutdown)"
     )
     search_threads: int = setting(8, "worker threads that run searches")
+    scan_threads: int = setting(
+        min(2, os.cpu_count() or 1),
+        "threads one exact (Flat) search scans with: the float16 copy is split in as many shards",
+    )
     metrics_port: int = setting(9152, "Prometheus metrics HTTP port (0 disables)")
     max_message_bytes: int = setting(64 * 1024 * 1024, "largest gRPC message, in bytes")
     grace_s: float = setting(10.0, "seconds running calls get to finish at shutdown")
@@ -77,5 +82,6 @@ class SearchSettings:
         )
         check(self.snapshot_interval_s >= 0, "snapshot_interval_s", "must not be negative")
         check(self.search_threads >= 1, "search_threads", "must be at least 1")
+        check(1 <= self.scan_threads <= 64, "scan_threads", "must be 1 to 64")
         check(self.max_message_bytes >= 1024, "max_message_bytes", "must be at least 1024")
         check(self.grace_s >= 0, "grace_s", "must not be negative")

@@ -23,12 +23,12 @@ def unit_rows(count: int, dim: int, seed: int = 0) -> np.ndarray:
     return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
-@pytest.fixture(scope="module")
-def flat_10k() -> tuple[VectorIndex, np.ndarray, np.ndarray]:
+@pytest.fixture(scope="module", params=[1, 3], ids=["one scan thread", "three shards"])
+def flat_10k(request: pytest.FixtureRequest) -> tuple[VectorIndex, np.ndarray, np.ndarray]:
     """A Flat index of 10,000 random unit vectors of dim 64 under scattered keys."""
     vectors = unit_rows(10_000, 64)
     keys = np.arange(10_000, dtype=np.int64) * 3 + 5
-    index = VectorIndex(64)
+    index = VectorIndex(64, scan_threads=request.param)
     index.put(keys, vectors)
     return index, keys, vectors
 
@@ -60,7 +60,10 @@ def test_filtered_flat_search_equals_brute_force_among_allowed(
         assert len(found) == min(10, int(allowed_rows.sum()))
 
 
-def test_flat_search_widens_candidates_when_float16_cannot_tell_them_apart() -> None:
+@pytest.mark.parametrize("scan_threads", [1, 2])
+def test_flat_search_widens_candidates_when_float16_cannot_tell_them_apart(
+    scan_threads: int,
+) -> None:
     """Hundreds of vectors within the float16 error of each other: still the float32 order."""
     rng = np.random.default_rng(3)
     base = unit_rows(1, 32)[0]
@@ -69,7 +72,7 @@ def test_flat_search_widens_candidates_when_float16_cannot_tell_them_apart() -> 
     vectors = base + noise
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     keys = np.arange(3000, dtype=np.int64)
-    index = VectorIndex(32)
+    index = VectorIndex(32, scan_threads=scan_threads)
     index.put(keys, vectors)
     found, scores = index.search(base, 10)
     rows, expected = brute_force(vectors, base, 10)
@@ -79,7 +82,7 @@ def test_flat_search_widens_candidates_when_float16_cannot_tell_them_apart() -> 
 
 def test_put_replaces_and_remove_forgets() -> None:
     vectors = unit_rows(100, 16)
-    index = VectorIndex(16)
+    index = VectorIndex(16, scan_threads=2)
     index.put(np.arange(100), vectors)
     index.put(np.array([5]), -vectors[5:6])  # replaced, not duplicated
     assert len(index) == 100
@@ -94,7 +97,7 @@ def test_snapshot_round_trip_keeps_vectors_and_meta(tmp_path: Path, flat_10k: tu
     index, keys, vectors = flat_10k
     path = tmp_path / "index.snapshot"
     index.save(path, {"version": 42, "catalog_id": "c"})
-    loaded, meta = VectorIndex.load(path)
+    loaded, meta = VectorIndex.load(path, scan_threads=2)
     assert meta["version"] == 42 and meta["size"] == len(keys)
     assert loaded.keys().tolist() == sorted(keys.tolist())
     found, scores = loaded.search(vectors[17], 5)
