@@ -52,7 +52,11 @@ def compose_binary() -> Path | None:
     except ImportError:
         return None
     binary = Path(compose.__file__).parent / "docker-compose"
-    return binary if binary.is_file() and os.access(binary, os.X_OK) else None
+    try:  # the package carries a Linux x86-64 build
+        subprocess.run([binary, "version"], capture_output=True, check=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return binary
 
 
 # -- Dockerfiles -------------------------------------------------------------------------
