@@ -62,7 +62,8 @@ class Plan:
     catalog: int  # encoded end to end once, with --decode gpu
     latency_requests: int
     service_timeout_s: float
-    processes: int  # encoder processes sharing the device, in the last service configuration
+    # encoder process counts sharing the device, one service configuration each
+    processes: tuple[int, ...]
     compile_batch: int
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -86,7 +87,7 @@ FULL = Plan(
     catalog=42_700,
     latency_requests=200,
     service_timeout_s=45.0,
-    processes=3,
+    processes=(3,),
     compile_batch=512,
 )
 SMOKE = Plan(
@@ -103,7 +104,7 @@ SMOKE = Plan(
     catalog=96,
     latency_requests=10,
     service_timeout_s=60.0,
-    processes=2,
+    processes=(2,),
     compile_batch=8,
     settings={"runtime": "torch", "device": "cpu"},
 )
@@ -331,13 +332,21 @@ STARTED = time.perf_counter()
 def plan_for_here() -> Plan:
     torch = _torch()
     if torch.cuda.is_available() and os.environ.get("VPM_GPU_BENCH_SMOKE") != "1":
-        return FULL
+        return _with_overrides(FULL)
     if not torch.cuda.is_available():
         print("no CUDA device: running the smoke version (tiny model on the CPU, small sizes)")
     smoke = SMOKE
     if torch.cuda.is_available():
         smoke = Plan(**{**SMOKE.__dict__, "device": "cuda", "settings": {"runtime": "torch"}})
     return smoke
+
+
+def _with_overrides(plan: Plan) -> Plan:
+    """VPM_GPU_BENCH_STREAMS and VPM_GPU_BENCH_PROCESSES (a comma list) resize a focused rerun."""
+    streams = int(os.environ.get("VPM_GPU_BENCH_STREAMS", plan.streams))
+    processes = os.environ.get("VPM_GPU_BENCH_PROCESSES")
+    counts = tuple(int(n) for n in processes.split(",")) if processes else (plan.processes,)
+    return Plan(**{**plan.__dict__, "streams": streams, "processes": counts})
 
 
 def make_jpegs(count: int) -> list[bytes]:
@@ -371,6 +380,9 @@ def run() -> dict[str, Any]:
         ]
         if plan.device == "cuda" and os.environ.get("VPM_GPU_BENCH_COMPILE", "1") == "1":
             sections.append(("torch_compile", lambda: compiled_rate(plan)))
+        wanted = os.environ.get("VPM_GPU_BENCH_SECTIONS")  # e.g. "service" for a focused rerun
+        if wanted:
+            sections = [(name, work) for name, work in sections if name in wanted.split(",")]
         for name, section in sections:
             figures[name] = _section(name, section)
             release(plan.device)

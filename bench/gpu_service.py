@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -101,7 +102,11 @@ def service_runs(plan: Plan, files_path: Path, cache: Path, deadline: float) -> 
             "cuda_graphs": True,
             "max_delay_ms": 1.0,
         }
-    configs[f"gpu, {plan.processes} encoder processes"] = {"decode": "gpu"}
+    only = os.environ.get("VPM_GPU_BENCH_SERVICE_CONFIGS")  # e.g. "processes" for a rerun
+    if only == "processes":
+        configs = {}
+    for count in plan.processes:
+        configs[f"gpu, {count} encoder processes"] = {"decode": "gpu", "processes": count}
     results: dict[str, Any] = {}
     with multiprocessing.get_context("spawn").Pool(plan.streams) as clients:
         for name, overrides in configs.items():
@@ -109,8 +114,9 @@ def service_runs(plan: Plan, files_path: Path, cache: Path, deadline: float) -> 
                 results[name] = {"skipped": "over the time budget"}
                 continue
             try:
-                if "processes" in name:
-                    results[name] = _processes_service(plan, files_path, cache, clients)
+                if "processes" in overrides:
+                    count = overrides["processes"]
+                    results[name] = _processes_service(plan, files_path, cache, clients, count)
                 else:
                     results[name] = _one_service(plan, files_path, cache, clients, name, overrides)
             except Exception as error:  # noqa: BLE001 - the other configurations still run
@@ -195,7 +201,9 @@ def _one_service(
     return figures
 
 
-def _processes_service(plan: Plan, files_path: Path, cache: Path, clients: Any) -> dict[str, Any]:
+def _processes_service(
+    plan: Plan, files_path: Path, cache: Path, clients: Any, count: int
+) -> dict[str, Any]:
     """Several `python -m encoder_service` on the one GPU, the client streams spread over them.
 
     One Python process serializes its gRPC, futures and replies on one
@@ -205,8 +213,8 @@ def _processes_service(plan: Plan, files_path: Path, cache: Path, clients: Any) 
     from tests.support import free_port
 
     max_batch = 256 if plan.device == "cuda" else 8
-    ports = [free_port() for _ in range(plan.processes)]
-    streams_per_process = math.ceil(plan.streams / plan.processes)
+    ports = [free_port() for _ in range(count)]
+    streams_per_process = math.ceil(plan.streams / count)
     flags = ["--model", plan.model, "--pretrained", "none", "--metrics-port", "0"]
     flags += ["--cache-dir", str(cache), "--decode", "gpu", "--max-batch", str(max_batch)]
     flags += ["--queue-size", str(4 * streams_per_process * max_batch), "--log-level", "WARNING"]
@@ -227,7 +235,7 @@ def _processes_service(plan: Plan, files_path: Path, cache: Path, clients: Any) 
         for target, process, log in zip(targets, processes, logs, strict=True):
             _wait_until_serving(target, process, log, started + START_TIMEOUT_S)
         figures = {
-            "processes": plan.processes,
+            "processes": count,
             "start_and_warm_up_s": time.perf_counter() - started,
         }
         figures.update(_stream(clients, targets, files_path, plan, plan.service_images["gpu"]))
