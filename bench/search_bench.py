@@ -33,6 +33,7 @@ from search_service.catalog import Catalog
 from search_service.engine import SearchEngine
 from search_service.index import VectorIndex, single_threaded
 from search_service.models import Product
+from search_service.settings import SearchSettings
 from tests.support import free_port
 from vpm.v1 import search_pb2, search_pb2_grpc
 
@@ -226,7 +227,7 @@ def domain_latency(vectors: np.ndarray, plain: bool) -> float:
         index.add_with_ids(vectors, np.arange(len(vectors), dtype=np.int64))
         search = lambda q: index.search(q.reshape(1, -1), 10)  # noqa: E731
     else:
-        ours = VectorIndex(DIM)
+        ours = VectorIndex(DIM, scan_threads=SearchSettings().scan_threads)
         ours.put(np.arange(len(vectors), dtype=np.int64), vectors)
         search = lambda q: ours.search(q, 10)  # noqa: E731
 

@@ -275,9 +275,11 @@ class VectorIndex:
         if len(self._coarse) == 1:
             scores, keys = scan(self._coarse[0])
             return scores[0], keys[0]
-        parts = [_scan_pool(len(self._coarse)).submit(scan, shard) for shard in self._coarse]
-        scores = np.concatenate([part.result()[0][0] for part in parts])
-        keys = np.concatenate([part.result()[1][0] for part in parts])
+        pool = _scan_pool(len(self._coarse) - 1)
+        others = [pool.submit(scan, shard) for shard in self._coarse[1:]]
+        parts = [scan(self._coarse[0]), *(other.result() for other in others)]  # one here
+        scores = np.concatenate([part[0][0] for part in parts])
+        keys = np.concatenate([part[1][0] for part in parts])
         # Each shard's own best `fetch` are all here, so the merged best `fetch` are exact.
         best = np.argsort(-scores, kind="stable")[:fetch]
         return scores[best], keys[best]
