@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/vpm/v1/*.proto)
 PROTO_OUT := $(patsubst protos/%.proto,%_pb2.py,$(PROTO_SRC))
 
-.PHONY: install protos run stop test test-fast bench lint clean
+.PHONY: install protos run stop migrate test test-fast bench loadtest lint clean
 
 install: $(STAMP) $(PROTO_OUT)
 
@@ -34,6 +34,11 @@ run: install
 stop:
 	-$(PYTHON) -m demo.run --stop
 
+# Bring the catalog's schema to the latest revision (Alembic); the search service also
+# does this at start. The catalog is VPM_CATALOG_URL (default: the SQLite file of make run).
+migrate: install
+	$(PYTHON) -m search_service.migrate
+
 test: install
 	$(PYTHON) -m pytest
 
@@ -43,6 +48,10 @@ test-fast: install
 
 bench: install
 	$(PYTHON) -m bench
+
+# Real encoder + search processes under a query mix, bounded in time (a few minutes).
+loadtest: install
+	$(PYTHON) -m bench.loadtest
 
 lint: install
 	$(BIN)/ruff check .

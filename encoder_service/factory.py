@@ -66,7 +66,7 @@ def build_engine(settings: EncoderSettings, metrics: EncoderMetrics | None = Non
         runtime=settings.runtime,
         device=settings.device,
         dtype=settings.dtype,
-        threads=settings.threads,
+        threads=settings.thread_count(),
         cache_dir=settings.cache_dir,
     )
     decode_on_device = resolve_decode(settings.decode, runtime, loaded)

@@ -9,7 +9,6 @@ the engine normalizes.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from encoder_service.model import LoadedModel
+from vpm_common.cpus import available_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class OnnxRuntime(Runtime):
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        options.intra_op_num_threads = threads or available_cpus()
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only: its warnings are about graph internals
         # Idle ORT threads spin by default, stealing the cores that decode images

@@ -165,7 +165,9 @@ def _reply(item_id: str, outcome: Any) -> encoder_pb2.EmbeddingItem:
 
 async def create_server(settings: EncoderSettings, app: EncoderApp) -> tuple[aio.Server, int]:
     """A server for `app` bound to settings.host:settings.port (0: a free port); not yet started."""
-    server = new_server(settings.max_message_bytes())
+    server = new_server(
+        settings.max_message_bytes(), max_connection_age_s=settings.max_connection_age_s
+    )
     encoder_pb2_grpc.add_EncoderServicer_to_server(EncoderServicer(app), server)
     add_health_and_reflection(server, [SERVICE_NAME], app.health)
     await set_serving(app.health, [SERVICE_NAME], app.engine is not None)

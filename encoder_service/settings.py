@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from vpm_common.cpus import available_cpus
 from vpm_common.settings import check, setting
 
 ENV_PREFIX = "VPM_ENCODER_"
@@ -59,6 +59,11 @@ class EncoderSettings:
     max_texts: int = setting(1024, "most texts in one EncodeText call")
     max_text_bytes: int = setting(16 * 1024, "longest text accepted, in UTF-8 bytes")
     cache_dir: Path = setting(Path.home() / ".cache" / "vpm", "where exported ONNX graphs are kept")
+    max_connection_age_s: float = setting(
+        300.0,
+        "close each client connection after this long (running calls get 60 s more), so "
+        "clients resolve DNS again and reach replicas added since; 0: never",
+    )
     metrics_port: int = setting(9151, "Prometheus metrics port (0: off)")
     grace_s: float = setting(10.0, "on SIGTERM, how long running calls may take to finish")
     log_level: str = setting("INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -89,6 +94,7 @@ class EncoderSettings:
         check(self.max_texts > 0, "max_texts", "must be positive")
         check(self.max_text_bytes > 0, "max_text_bytes", "must be positive")
         check(self.grace_s >= 0, "grace_s", "must be >= 0")
+        check(self.max_connection_age_s >= 0, "max_connection_age_s", "must be >= 0")
 
     def batch_size_for(self, device: str) -> int:
         if self.max_batch:
@@ -96,7 +102,10 @@ class EncoderSettings:
         return 256 if device.startswith("cuda") else 8
 
     def worker_count(self) -> int:
-        return self.workers or min(8, os.cpu_count() or 1)
+        return self.workers or min(8, available_cpus())
+
+    def thread_count(self) -> int:
+        return self.threads or available_cpus()
 
     def max_message_bytes(self) -> int:
         # Room for the image and the message around it.

@@ -135,6 +135,7 @@ async def _prepare(
         lambda n: hashing.advance(n),
     )  # fmt: skip
     hashing.close()
+    _check_prune(plan, len(stored), settings.prune_limit)
     summary.failed += [(str(item.path), reason) for item, reason in plan.unreadable]
     summary.skipped_unchanged = len(plan.unchanged)
     summary.duplicate_groups = len(plan.duplicates)
@@ -146,6 +147,16 @@ async def _prepare(
         len(plan.delete), len(plan.unreadable),
     )  # fmt: skip
     return plan
+
+
+def _check_prune(plan: Plan, stored: int, limit: float) -> None:
+    """A wrong or empty catalog path must not wipe the catalog: big prunes need saying so."""
+    if plan.delete and len(plan.delete) > limit * stored:
+        raise SetupError(
+            f"--prune would delete {len(plan.delete)} of the catalog's {stored} products "
+            f"(more than --prune-limit {limit}); check the catalog path, or pass "
+            "--prune-limit 1 if that many products really are gone"
+        )
 
 
 async def _apply(

@@ -22,6 +22,9 @@ class IndexerSettings:
     )
     search: str = setting("127.0.0.1:50052", "the search service, host:port")
     prune: bool = setting(False, "delete catalog products whose image is no longer on disk")
+    prune_limit: float = setting(
+        0.5, "refuse a --prune that would delete more than this fraction of the catalog"
+    )
     batch_size: int = setting(1000, "products per UpsertProducts call (one acknowledged batch)")
     window: int = setting(0, "images in flight per encoder (0: twice the encoder's max batch)")
     workers: int = setting(4, "threads hashing files")
@@ -47,6 +50,7 @@ class IndexerSettings:
         else:
             check(self.dir.is_dir(), "dir", f"{self.dir} is not a folder")
         check(bool(self.encoder), "encoder", "give at least one encoder target")
+        check(0 <= self.prune_limit <= 1, "prune_limit", f"must be 0..1, got {self.prune_limit}")
         check(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
         check(self.window >= 0, "window", f"must be >= 0, got {self.window}")
         check(self.workers > 0, "workers", f"must be positive, got {self.workers}")

@@ -31,12 +31,23 @@ def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 
 def new_server(
-    max_message_bytes: int, interceptors: Sequence[aio.ServerInterceptor] = ()
+    max_message_bytes: int,
+    interceptors: Sequence[aio.ServerInterceptor] = (),
+    max_connection_age_s: float = 0,
 ) -> aio.Server:
-    """An aio server with our options; malformed requests get INVALID_ARGUMENT (DecodeGuard)."""
-    return aio.server(
-        options=server_options(max_message_bytes), interceptors=[DecodeGuard(), *interceptors]
-    )
+    """An aio server with our options; malformed requests get INVALID_ARGUMENT (DecodeGuard).
+
+    With max_connection_age_s, connections are closed after that long (running
+    calls get a minute more): clients then resolve names again and spread over
+    replicas added since.
+    """
+    options = server_options(max_message_bytes)
+    if max_connection_age_s:
+        options += [
+            ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", 60_000),
+        ]
+    return aio.server(options=options, interceptors=[DecodeGuard(), *interceptors])
 
 
 def add_health_and_reflection(

@@ -134,6 +134,21 @@ def test_a_corrupt_image_is_listed_and_the_run_goes_on(stack: Stack, tmp_path: P
     assert len(catalog_ids(stack)) == 11
 
 
+def test_a_prune_that_would_empty_the_catalog_is_refused(stack: Stack, tmp_path: Path) -> None:
+    catalog = generate(tmp_path / "catalog", count=10)
+    assert index(stack, catalog)[0] == 0
+    empty = tmp_path / "empty"  # a wrong or unmounted catalog path
+    empty.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "indexer", "--dir", str(empty), "--prune",
+         "--encoder", stack.encoder_targets[0], "--search", stack.search_target],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "--prune would delete 10 of the catalog's 10 products" in done.stderr
+    assert len(catalog_ids(stack)) == 10
+
+
 def wait_until(condition, timeout_s: float = 120, every_s: float = 0.05) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
