@@ -24,6 +24,12 @@ logger = logging.getLogger(__name__)
 
 # Only these decoders may run on client bytes: PIL's others include formats
 # that shell out (EPS via Ghostscript) or that nobody sends as a product photo.
+# Once for the process, since catch_warnings() is not thread-safe: our own pixel limit
+# replaces PIL's decompression-bomb warning, and PIL's warnings about corrupt EXIF or
+# truncated metadata cost at most the orientation, never the image.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+
 Image.init()  # register every plugin now: `formats=` only finds registered ones
 FORMATS = tuple(
     name for name in ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF") if name in Image.OPEN
@@ -49,10 +55,7 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
     if len(data) > limits.max_bytes:
         raise InvalidArgument(f"image is {len(data)} bytes, over the limit of {limits.max_bytes}")
     try:
-        with warnings.catch_warnings():
-            # Our own pixel limit below replaces PIL's decompression-bomb warning.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=FORMATS)
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
         raise InvalidArgument(
             "not a recognized image (expected JPEG, PNG, WebP, GIF, BMP or TIFF)"
