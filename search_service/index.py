@@ -21,7 +21,9 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import faiss
@@ -107,6 +109,7 @@ class VectorIndex:
                 )
                 for _ in range(max(1, scan_threads))
             ]
+            self._scans = _Scans()
             self._ann = None
         else:
             self._ann = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
@@ -275,9 +278,15 @@ class VectorIndex:
         if len(self._coarse) == 1:
             scores, keys = scan(self._coarse[0])
             return scores[0], keys[0]
-        pool = _scan_pool(len(self._coarse) - 1)
-        others = [pool.submit(scan, shard) for shard in self._coarse[1:]]
-        parts = [scan(self._coarse[0]), *(other.result() for other in others)]  # one here
+        # Shards go to other threads only while this is the only search: with more
+        # searches than cores, the cores are busy anyway and hand-offs only cost.
+        with self._scans.scanning() as alone:
+            if alone:
+                pool = _scan_pool(len(self._coarse) - 1)
+                others = [pool.submit(scan, shard) for shard in self._coarse[1:]]
+                parts = [scan(self._coarse[0]), *(other.result() for other in others)]
+            else:
+                parts = [scan(shard) for shard in self._coarse]
         scores = np.concatenate([part[0][0] for part in parts])
         keys = np.concatenate([part[1][0] for part in parts])
         # Each shard's own best `fetch` are all here, so the merged best `fetch` are exact.
@@ -445,6 +454,26 @@ class VectorIndex:
             self._present[keys] = True
             if self._ann is not None:
                 self._key_labels[keys] = np.flatnonzero(self._label_keys >= 0)
+
+
+class _Scans:
+    """Counts the searches scanning at once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running = 0
+
+    @contextmanager
+    def scanning(self) -> Iterator[bool]:
+        """Count this search in while inside; yields True when no other search is scanning."""
+        with self._lock:
+            self._running += 1
+            alone = self._running == 1
+        try:
+            yield alone
+        finally:
+            with self._lock:
+                self._running -= 1
 
 
 _scan_pools: dict[int, ThreadPoolExecutor] = {}
