@@ -229,9 +229,9 @@ class CatalogMirror:
             # Another writer committed in between: read everything since, ours included.
             self.catch_up()
             return
-        self._set_model(model_id, dim)
         codes = self.filters.encode([product for _, product, _ in changes])
         with self.lock.write():
+            self._set_model(model_id, dim)
             self._put(changes, codes)
             self.version = version
         self._train_if_ready()
@@ -255,9 +255,9 @@ class CatalogMirror:
             return
         deleted = self.catalog.deleted_since(since)
         changed = list(self.catalog.products(include_vectors=True, since_version=since))
-        self._set_model(state.model_id, state.dim)
         codes = self.filters.encode([product for _, product, _ in changed])
         with self.lock.write():
+            self._set_model(state.model_id, state.dim)
             self._drop(deleted)
             self._put(changed, codes)
             self.version = state.version
@@ -274,9 +274,14 @@ class CatalogMirror:
         return VectorIndex(dim, self.factory, self.params, self.scan_threads)
 
     def _set_model(self, model_id: str | None, dim: int | None) -> None:
-        self.model_id, self.dim = model_id, dim
-        if self.index is None and dim is not None:
+        """The catalog's model; a new one brings a new, empty index (write lock held).
+
+        The catalog takes a new model only while it is empty, so nothing is lost.
+        """
+        fresh = self.index is None or (model_id != self.model_id and len(self.index) == 0)
+        if dim is not None and (fresh or self.index.dim != dim):
             self.index = self._new_index(dim)
+        self.model_id, self.dim = model_id, dim
 
     def _put(self, changes: Sequence[Change], codes: dict[str, np.ndarray]) -> None:
         """Record changed products, their filter `codes` and their vectors (write lock held)."""

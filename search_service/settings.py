@@ -42,8 +42,8 @@ class SearchSettings:
     batch_size: int = setting(5000, "products committed per catalog transaction")
     sqlite_synchronous: str = setting(
         "FULL",
-        "SQLite commit durability: FULL survives power loss, NORMAL only process crashes "
-        "(faster); ignored for other databases",
+        "SQLite commit durability: FULL survives power loss, NORMAL only process crashes; "
+        "ignored for other databases",
         choices=("FULL", "NORMAL"),
     )
     snapshot_interval_s: float = setting(

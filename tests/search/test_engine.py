@@ -382,3 +382,17 @@ def test_ivf_index_trains_once_the_catalog_is_large_enough(
 async def _stream(items):
     for item in items:
         yield item
+
+
+def test_an_emptied_catalog_takes_a_new_model_and_dimension(
+    open_engine: OpenEngine, sqlite_url: str
+) -> None:
+    engine = open_engine(sqlite_url)
+    old, old_vectors = random_catalog(20, 8, model_id="old-model")
+    engine.upsert_products(zip(old, old_vectors, strict=True))
+    engine.delete([p.id for p in old])
+    new, new_vectors = random_catalog(20, 12, model_id="new-model", prefix="n")
+    summary = engine.upsert_products(zip(new, new_vectors, strict=True))
+    assert summary.inserted == 20 and summary.failed == 0
+    result = engine.search_vector(new_vectors[4], top_k=1)
+    assert result.matches[0].product.id == "n4" and result.model_id == "new-model"
