@@ -14,7 +14,7 @@ from search_service.metrics import PRODUCTS, UPSERTED, observed
 from search_service.settings import SearchSettings
 from vpm.v1 import search_pb2, search_pb2_grpc
 from vpm_common.rpc import rpc_boundary
-from vpm_common.serving import add_health_and_reflection, server_options, set_serving
+from vpm_common.serving import add_health_and_reflection, new_server, set_serving
 
 SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["Search"].full_name
 
@@ -93,7 +93,7 @@ async def create_server(settings: SearchSettings, app: SearchApp) -> tuple[aio.S
     Health says SERVING when the engine is already loaded; otherwise NOT_SERVING
     until the caller loads it and calls `app.serve()` (see __main__).
     """
-    server = aio.server(options=server_options(settings.max_message_bytes))
+    server = new_server(settings.max_message_bytes)
     search_pb2_grpc.add_SearchServicer_to_server(SearchServicer(app.engine), server)
     add_health_and_reflection(server, [SERVICE_NAME], app.health)
     await set_serving(app.health, [SERVICE_NAME], app.engine.loaded)
