@@ -29,6 +29,7 @@ from vpm_common.errors import (
     InvalidArgument,
     ResourceExhausted,
     Unavailable,
+    VpmError,
 )
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,6 @@ logger = logging.getLogger(__name__)
 ENCODER_SERVICE = "vpm.v1.Encoder"
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 _RESOURCE_EXHAUSTED = STATUS_CODES["RESOURCE_EXHAUSTED"]
-_UNAVAILABLE = STATUS_CODES["UNAVAILABLE"]
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ class EncoderPool:
                 ]
             except aio.AioRpcError as err:
                 await self._after_failure(target, err, attempt, deadline, errors)
-        raise Unavailable(f"no encoder answered ({'; '.join(errors)})")
+        raise _gave_up(errors)
 
     async def encode_images(
         self, items: Sequence[tuple[str, bytes]], timeout_s: float | None = None
@@ -196,9 +196,9 @@ class EncoderPool:
             except aio.AioRpcError as err:
                 pending = [i for i in pending if results[i] is None]
                 await self._after_failure(target, err, attempt, deadline, errors)
-        reason = f"no encoder answered ({'; '.join(errors)})"
+        failure = _gave_up(errors)
         for i in pending:
-            results[i] = Embedded(items[i][0], None, "", _UNAVAILABLE, reason)
+            results[i] = Embedded(items[i][0], None, "", failure.code, failure.message)
         return [r for r in results if r is not None]
 
     async def status(self, timeout_s: float = 1.0) -> list[TargetStatus]:
@@ -274,6 +274,16 @@ class EncoderPool:
         return TargetStatus(
             target.name, state, model_id, target.calls, target.failures, target.last_error
         )
+
+
+def _gave_up(errors: list[str]) -> VpmError:
+    """After the last attempt: RESOURCE_EXHAUSTED when every encoder only said it was full
+    (so callers back off, as for any shed load), UNAVAILABLE otherwise."""
+    if errors and all("RESOURCE_EXHAUSTED" in error for error in errors):
+        return ResourceExhausted(
+            f"every encoder is at capacity; retry with backoff ({'; '.join(errors)})"
+        )
+    return Unavailable(f"no encoder answered ({'; '.join(errors)})")
 
 
 def _remaining(deadline: float) -> float:
