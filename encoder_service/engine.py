@@ -128,7 +128,7 @@ class EncoderEngine:
 
     def submit_image(self, data: bytes, caller: Caller) -> Future:
         """Start encoding one image; the future gives its vector (D,) or raises a VpmError."""
-        self._admit(1)
+        self._admit(1, caller)
         result: Future = Future()
         result.add_done_callback(lambda _: self._release(1))
         decoded = self._workers.submit(self._decode, data, caller)
@@ -183,7 +183,7 @@ class EncoderEngine:
             else:
                 valid.append(index)
         if valid:
-            self._admit(len(valid))
+            self._admit(len(valid), caller)
             for index in valid:
                 futures[index].add_done_callback(lambda _: self._release(1))
             self._workers.submit(self._tokenize_and_queue, texts, valid, futures, caller)
@@ -215,7 +215,9 @@ class EncoderEngine:
 
     # -- admission and lifecycle -----------------------------------------------------
 
-    def _admit(self, count: int) -> None:
+    def _admit(self, count: int, caller: Caller | None = None) -> None:
+        """Take `count` items in, or refuse at once: when the queue is full, or when the work
+        already queued would outlast the caller's deadline (shedding beats a late answer)."""
         with self._admit_lock:
             if self._admitted + count > self.config.queue_size:
                 self.metrics.rejected.labels("queue_full").inc(count)
@@ -223,6 +225,15 @@ class EncoderEngine:
                     f"encoder queue is full ({self._admitted} items in flight, limit "
                     f"{self.config.queue_size}); retry with backoff"
                 )
+            if caller is not None and caller.deadline is not None:
+                wait_s = (self._admitted + count) * self.metrics.seconds_per_item()
+                left_s = caller.deadline - time.monotonic()
+                if self._admitted and wait_s > left_s:
+                    self.metrics.rejected.labels("deadline").inc(count)
+                    raise ResourceExhausted(
+                        f"encoder busy: about {wait_s:.1f} s of work is queued, more than the "
+                        f"{max(left_s, 0):.1f} s left before this call's deadline; retry later"
+                    )
             self._admitted += count
             self.metrics.in_flight.set(self._admitted)
 
@@ -253,6 +264,13 @@ class EncoderEngine:
             for count in self.warm_up_batch_sizes():
                 self.runtime.encode_images(torch.zeros(count, 3, size, size))
         self.runtime.encode_texts(self._tokenizer(["a photo of a product"]))
+        if self._device_images is None:
+            # A first estimate of the cost of an item, until real batches refine it.
+            batch = max(self.warm_up_batch_sizes())
+            pixels = torch.zeros(batch, 3, size, size)
+            timed = time.perf_counter()
+            self.runtime.encode_images(pixels)
+            self.metrics.observe_item_cost((time.perf_counter() - timed) / batch)
         return time.perf_counter() - started
 
     def close(self, drain: bool = True) -> None:

@@ -26,7 +26,7 @@ class EncoderMetrics(BatchObserver):
         )
         self.rejected = Counter(
             "vpm_encoder_rejected",
-            "Items refused before inference, by reason (invalid, queue_full)",
+            "Items refused before inference, by reason (invalid, queue_full, deadline)",
             ["reason"],
             registry=r,
         )
@@ -65,6 +65,7 @@ class EncoderMetrics(BatchObserver):
         )
         self._recent: deque[tuple[float, int]] = deque()
         self._lock = threading.Lock()
+        self._item_cost: float | None = None
         self.images_per_second.set_function(self._image_rate)
 
     # BatchObserver hooks, called on the inference thread.
@@ -77,9 +78,24 @@ class EncoderMetrics(BatchObserver):
     def batch_finished(self, queue: str, size: int, seconds: float) -> None:
         self.stage_seconds.labels("inference").observe(seconds)
         self.items.labels(queue).inc(size)
+        self.observe_item_cost(seconds / size)
         if queue == "image":
             with self._lock:
                 self._recent.append((time.monotonic(), size))
+
+    def observe_item_cost(self, seconds: float) -> None:
+        """Fold one measurement of inference seconds per item into a moving average."""
+        with self._lock:
+            if self._item_cost is None:
+                self._item_cost = seconds
+            else:
+                self._item_cost = 0.8 * self._item_cost + 0.2 * seconds
+
+    def seconds_per_item(self) -> float:
+        """Inference time per item in recent batches (0 until measured): admission uses it to
+        refuse work that would wait past its caller's deadline."""
+        with self._lock:
+            return self._item_cost or 0.0
 
     def dropped(self, queue: str, reason: str) -> None:
         self.dropped_items.labels(queue, reason).inc()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -89,3 +90,19 @@ def test_bad_items_fail_alone(engines) -> None:
     with pytest.raises(InvalidArgument, match=r"texts\[1\]: text is empty"):
         futures[1].result(30)
     assert engine.in_flight() == 0
+
+
+def test_work_that_would_outlive_its_deadline_is_shed_at_once(tiny_settings) -> None:
+    engine = build_engine(dataclasses.replace(tiny_settings(), max_delay_ms=300.0, max_batch=8))
+    try:
+        for _ in range(60):  # as if each item had taken a second for a while
+            engine.metrics.observe_item_cost(1.0)
+        soon = time.monotonic() + 1.5
+        first = engine.submit_image(images.jpeg(seed=6), Caller(deadline=soon))  # nothing ahead
+        with pytest.raises(ResourceExhausted, match=r"about 2.0 s of work is queued"):
+            engine.submit_image(images.jpeg(seed=7), Caller(deadline=soon))
+        relaxed = engine.submit_image(images.jpeg(seed=8), Caller(deadline=time.monotonic() + 60))
+        assert first.result(30).shape == relaxed.result(30).shape == (64,)
+        assert engine.metrics.rejected.labels("deadline")._value.get() == 1
+    finally:
+        engine.close()
