@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 ENCODER_SERVICE = "vpm.v1.Encoder"
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 _RESOURCE_EXHAUSTED = STATUS_CODES["RESOURCE_EXHAUSTED"]
+_READY = grpc.ChannelConnectivity.READY
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,14 @@ class EncoderPool:
                 await self._after_failure(target, err, attempt, deadline, errors)
         raise Unavailable(f"no encoder answered ({'; '.join(errors)})")
 
+    async def next_model_info(self, timeout_s: float | None = None) -> encoder_pb2.ModelInfo:
+        """What the encoder the next call goes to runs, without taking its turn (the search
+        service's query cache keys by it); when that one does not answer, any that does."""
+        try:
+            return await self._model_info_of(self._peek(), self._deadline(timeout_s))
+        except aio.AioRpcError:
+            return await self.model_info(timeout_s)
+
     async def encode_texts(
         self, texts: Sequence[str], timeout_s: float | None = None
     ) -> list[Embedded]:
@@ -215,19 +224,24 @@ class EncoderPool:
 
     def _pick(self) -> _Target:
         """The next target in turn, skipping any that failed a moment ago while others are up."""
+        target = self._peek()
+        self._next = (self._targets.index(target) + 1) % len(self._targets)
+        return target
+
+    def _peek(self) -> _Target:
+        """The target `_pick` would return now, without moving the turn."""
         now = time.monotonic()
         count = len(self._targets)
         for step in range(count):
             target = self._targets[(self._next + step) % count]
             if target.down_until <= now:
-                self._next = (self._next + step + 1) % count
                 return target
-        target = self._targets[self._next]
-        self._next = (self._next + 1) % count
-        return target
+        return self._targets[self._next]
 
     async def _model_info_of(self, target: _Target, deadline: float) -> encoder_pb2.ModelInfo:
-        if target.model_info is None:
+        # Asked again whenever the channel is not connected: the next connection may reach
+        # an encoder restarted with another model, and the query cache keys by the model.
+        if target.model_info is None or target.channel.get_state() != _READY:
             target.model_info = await target.encoder.GetModelInfo(
                 encoder_pb2.GetModelInfoRequest(), timeout=_remaining(deadline)
             )
@@ -260,6 +274,8 @@ class EncoderPool:
         await asyncio.sleep(min(pause, _remaining(deadline)))
 
     async def _status_of(self, target: _Target, timeout_s: float) -> TargetStatus:
+        if target.channel.get_state() != _READY:
+            target.model_info = None  # this check may reconnect it to a restarted encoder
         try:
             reply = await target.health.Check(
                 health_pb2.HealthCheckRequest(service=ENCODER_SERVICE), timeout=timeout_s

@@ -142,3 +142,33 @@ def test_status_reports_each_target_and_a_returning_encoder_is_used(
     ]
     assert [s.state for s in second] == ["SERVING", "SERVING"]
     assert returned.calls >= 2  # traffic came back to it
+
+
+def test_next_model_info_takes_no_turn_and_a_restart_with_another_model_is_seen(
+    fake_encoders: Callable,
+) -> None:
+    (a, server_a), (b, server_b) = fake_encoders(model_id="m-a"), fake_encoders(model_id="m-b")
+
+    async def work(pool: EncoderPool):
+        peeked = []
+        for i in range(6):
+            peeked.append((await pool.next_model_info()).model_id)
+            [item] = await pool.encode_texts([f"text {i}"])
+            assert item.model_id == peeked[-1]  # the call went where the peek looked
+        calls = (a.calls, b.calls)
+        # b restarts on its port with another model; only a status check happens meanwhile.
+        port = server_b.port
+        server_b.stop(0)
+        await asyncio.sleep(0.3)
+        fake_encoders(port=port, model_id="m-b2")
+        statuses = await pool.status()
+        models = {(await pool.next_model_info()).model_id}
+        await pool.encode_texts(["x"])
+        models.add((await pool.next_model_info()).model_id)
+        return peeked, calls, statuses, models
+
+    peeked, calls, statuses, models = run_with_pool([server_a.target, server_b.target], work)
+    assert peeked == ["m-a", "m-b"] * 3
+    assert calls == (3, 3)
+    assert [s.model_id for s in statuses] == ["m-a", "m-b2"]
+    assert models == {"m-a", "m-b2"}
