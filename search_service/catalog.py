@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,8 @@ class CatalogState:
     version: int
     model_id: str | None
     dim: int | None
+    # Deletions at or below this version may be gone from the log (see prune_deletions).
+    pruned_version: int = 0
 
 
 @dataclass(frozen=True)
@@ -72,13 +75,28 @@ class DeleteWrite:
     not_found: list[str] = field(default_factory=list)
 
 
-def create_catalog_engine(url: str, sqlite_synchronous: str = "FULL") -> sa.Engine:
-    """An engine for `url`; SQLite gets WAL, real transactions and its parent folder created."""
+def create_catalog_engine(
+    url: str, sqlite_synchronous: str = "FULL", pool_size: int = 8
+) -> sa.Engine:
+    """An engine for `url`; SQLite gets WAL, real transactions and its parent folder created.
+
+    A server database gets a pool of `pool_size` connections (and as many more in a
+    burst), each checked before use (a restarted server or a dropped idle connection
+    costs a reconnect, not a failed request) and replaced after an hour, so proxies
+    and poolers that cut old connections never see one.
+    """
     parsed = sa.make_url(url)
     if parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")  # the driver installed here
     if parsed.get_backend_name() != "sqlite":
-        return sa.create_engine(parsed, pool_pre_ping=True)
+        return sa.create_engine(
+            parsed,
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            pool_timeout=30,
+            pool_recycle=3600,
+            pool_pre_ping=True,
+        )
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     engine = sa.create_engine(parsed, connect_args={"timeout": 60})
@@ -128,9 +146,9 @@ class Catalog:
         self.engine = engine
 
     @classmethod
-    def open(cls, url: str, sqlite_synchronous: str = "FULL") -> Catalog:
+    def open(cls, url: str, sqlite_synchronous: str = "FULL", pool_size: int = 8) -> Catalog:
         """Connect and migrate the schema to the newest revision."""
-        engine = create_catalog_engine(url, sqlite_synchronous)
+        engine = create_catalog_engine(url, sqlite_synchronous, pool_size)
         try:
             upgrade_to_head(engine)
         except sa.exc.SQLAlchemyError as err:
@@ -315,15 +333,47 @@ class Catalog:
             for start in range(0, len(keys), LOOKUP_CHUNK):
                 chunk = keys[start : start + LOOKUP_CHUNK]
                 conn.execute(products.delete().where(products.c.row_key.in_(chunk)))
-            logged = [(key, pid, state.version) for pid, key in found.items()]
-            _executemany(conn, deletions.insert(), ["row_key", "product_id", "version"], logged)
+            now = int(time.time())
+            logged = [(key, pid, state.version, now) for pid, key in found.items()]
+            names = ["row_key", "product_id", "version", "deleted_at"]
+            _executemany(conn, deletions.insert(), names, logged)
             result.deleted = [(key, pid) for pid, key in found.items()]
         return result
+
+    @_guarded
+    def prune_deletions(self, before: float) -> tuple[int, int]:
+        """Drop the deletions logged before Unix time `before`: (rows removed, pruned version).
+
+        Everything up to the newest such deletion's version goes, and the state row
+        records that version, so a reader further behind knows to rebuild. The state
+        row's lock (as writers take it) means every version up to the current one
+        is committed: nothing logged later can fall at or below the pruned version.
+        """
+        with self.engine.connect() as conn, conn.begin() as transaction:
+            conn.execute(
+                catalog_state.update()
+                .where(catalog_state.c.id == 1)
+                .values(pruned_version=catalog_state.c.pruned_version)
+            )
+            state = _state(conn)
+            newest = conn.execute(
+                sa.select(sa.func.max(deletions.c.version)).where(
+                    deletions.c.deleted_at < int(before)
+                )
+            ).scalar_one()
+            if newest is None or newest <= state.pruned_version:
+                transaction.rollback()
+                return 0, state.pruned_version
+            removed = conn.execute(deletions.delete().where(deletions.c.version <= newest))
+            conn.execute(
+                catalog_state.update().where(catalog_state.c.id == 1).values(pruned_version=newest)
+            )
+        return removed.rowcount, newest
 
 
 def _state(conn: sa.Connection) -> CatalogState:
     row = conn.execute(sa.select(catalog_state).where(catalog_state.c.id == 1)).one()
-    return CatalogState(row.catalog_id, row.version, row.model_id, row.dim)
+    return CatalogState(row.catalog_id, row.version, row.model_id, row.dim, row.pruned_version)
 
 
 def _bump_version(conn: sa.Connection) -> CatalogState:

@@ -4,7 +4,10 @@ Everything here is derived from the catalog and kept at one catalog version.
 It changes only under the write side of `lock`, one whole batch at a time, so
 a search (read side) sees a batch entirely or not at all. It is rebuilt from
 the catalog, or loaded from a snapshot and caught up with the catalog's
-changes since the snapshot's version.
+changes since the snapshot's version; while serving, `catch_up` brings in
+what other processes sharing the catalog wrote, from the same change log.
+A mirror (or snapshot) older than the pruned part of the deletions log cannot
+catch up, and is rebuilt from the catalog instead.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +43,17 @@ MAX_DEAD_FRACTION = 0.25
 
 # (key, product, vector): a changed product; vector None when only its metadata changed.
 Change = tuple[int, Product, "np.ndarray | None"]
+
+
+@dataclass(frozen=True)
+class CaughtUp:
+    """What one catch-up did: from and to which catalog version, products changed and deleted."""
+
+    since: int
+    version: int
+    changed: int = 0
+    deleted: int = 0
+    rebuilt: bool = False  # the log no longer reached back: everything was read again
 
 
 class CatalogMirror:
@@ -68,6 +83,7 @@ class CatalogMirror:
         self.dim: int | None = None
         self._snapshot_lock = threading.Lock()
         self._snapshot_version = -1
+        self.snapshot_loaded: int | None = None  # the version of the snapshot load() used
 
     # -- reads (hold lock.read()) --------------------------------------------------------
 
@@ -103,15 +119,15 @@ class CatalogMirror:
             self.index, self.version = self._build(state), state.version
         else:
             self.index, self.version = opened
-            self._snapshot_version = self.version
+            self._snapshot_version = self.snapshot_loaded = self.version
         self.catch_up()
         if self.index is not None and self.index.is_trained and not self.agrees():
             logger.warning("index and catalog disagree after catching up: rebuilding the index")
-            self.index = self._build(self.catalog.state())
+            self.index, self.snapshot_loaded = self._build(self.catalog.state()), None
         if self.index is not None and self.index.dead_fraction > MAX_DEAD_FRACTION:
             share = 100 * self.index.dead_fraction
             logger.info("index holds %.0f%% removed vectors: rebuilding it", share)
-            self.index = self._build(self.catalog.state())
+            self.index, self.snapshot_loaded = self._build(self.catalog.state()), None
 
     def save_snapshot(self) -> bool:
         """Write the index atomically if it changed since the last snapshot."""
@@ -138,16 +154,20 @@ class CatalogMirror:
             return True
 
     def _load_records(self) -> None:
+        records, filters = self._read_records()
+        with self.lock.write():
+            self.records = records
+            self.keys = {product.id: key for key, product in records.items()}
+            self.filters = filters
+
+    def _read_records(self) -> tuple[dict[int, Product], FilterIndex]:
         keys, products = [], []
         for key, product, _vector in self.catalog.products():
             keys.append(key)
             products.append(product)
         filters = FilterIndex()
         filters.put(np.array(keys, dtype=np.int64), filters.encode(products))
-        with self.lock.write():
-            self.records = dict(zip(keys, products, strict=True))
-            self.keys = {product.id: key for key, product in self.records.items()}
-            self.filters = filters
+        return dict(zip(keys, products, strict=True)), filters
 
     def _open_snapshot(self, state: CatalogState) -> tuple[VectorIndex, int] | None:
         if state.dim is None:
@@ -168,6 +188,11 @@ class CatalogMirror:
             problem = f"holds vectors of model {meta.get('model_id')!r}"
         elif meta["version"] > state.version:
             problem = f"is at version {meta['version']}, ahead of the catalog's {state.version}"
+        elif meta["version"] < state.pruned_version:
+            problem = (
+                f"is at version {meta['version']}, older than the deletions log kept "
+                f"(pruned through version {state.pruned_version})"
+            )
         if problem is not None:
             logger.warning("index snapshot %s %s: rebuilding", self.snapshot_path, problem)
             return None
@@ -178,15 +203,19 @@ class CatalogMirror:
         )
         return index, int(meta["version"])
 
-    def _build(self, state: CatalogState) -> VectorIndex | None:
-        """A fresh index of the vectors of the products held (trained first if its type needs it).
+    def _build(
+        self, state: CatalogState, records: dict[int, Product] | None = None
+    ) -> VectorIndex | None:
+        """A fresh index of the vectors of the products held, or of `records` (trained first
+        if its type needs it).
 
         Rows the catalog gained since the products were read are left to catching up,
         so the index never holds a key without its product.
         """
         if state.dim is None:
             return None
-        known = np.sort(np.fromiter(self.records, dtype=np.int64, count=len(self.records)))
+        records = self.records if records is None else records
+        known = np.sort(np.fromiter(records, dtype=np.int64, count=len(records)))
         index = self._new_index(state.dim)
         total = self.catalog.count()
         if not index.is_trained:
@@ -247,18 +276,35 @@ class CatalogMirror:
             self._drop(keys)
             self.version = version
 
-    def catch_up(self) -> None:
-        """Apply every catalog change after `version` (product rows are read as they are now)."""
+    def catch_up(self) -> CaughtUp:
+        """Apply every catalog change after `version`, from the change log.
+
+        Product rows are read as they are now: one changed again after the state
+        was read comes in early and again next time, which is harmless. A row of
+        another model than the state's was written after it (the catalog takes a
+        new model only once emptied) and waits for the next catch-up, so the
+        index never mixes models or dimensions.
+        """
         state = self.catalog.state()
         since = self.version
         if state.version == since:
-            return
+            return CaughtUp(since, since)
+        if since < state.pruned_version:
+            return self._reload(since, state.pruned_version)
         deleted = self.catalog.deleted_since(since)
-        changed = list(self.catalog.products(include_vectors=True, since_version=since))
+        pruned = self.catalog.state().pruned_version
+        if since < pruned:  # pruned while the log was read: it may lack deletions
+            return self._reload(since, pruned)
+        changed = [
+            change
+            for change in self.catalog.products(include_vectors=True, since_version=since)
+            if change[1].model_id == state.model_id and change[2].size == state.dim
+        ]
         codes = self.filters.encode([product for _, product, _ in changed])
         with self.lock.write():
-            self._set_model(state.model_id, state.dim)
+            # Deletions first: an emptied catalog's new model then gets a fresh index.
             self._drop(deleted)
+            self._set_model(state.model_id, state.dim)
             self._put(changed, codes)
             self.version = state.version
         logger.info(
@@ -269,6 +315,29 @@ class CatalogMirror:
             len(deleted),
         )
         self._train_if_ready()
+        return CaughtUp(since, state.version, len(changed), len(deleted))
+
+    def _reload(self, since: int, pruned: int) -> CaughtUp:
+        """Read every product and build a new index, then swap both in at once."""
+        logger.warning(
+            "the index is at catalog version %d, behind the deletions log kept (pruned "
+            "through version %d): rebuilding it from the catalog",
+            since,
+            pruned,
+        )
+        state = self.catalog.state()
+        records, filters = self._read_records()
+        index = self._build(state, records)
+        with self.lock.write():
+            self.records = records
+            self.keys = {product.id: key for key, product in records.items()}
+            self.filters = filters
+            self.index = index
+            self.model_id, self.dim = state.model_id, state.dim
+            self.version = state.version
+        self.snapshot_loaded = None
+        self._train_if_ready()
+        return CaughtUp(since, state.version, len(records), rebuilt=True)
 
     def _new_index(self, dim: int) -> VectorIndex:
         return VectorIndex(dim, self.factory, self.params, self.scan_threads)

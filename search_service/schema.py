@@ -1,12 +1,14 @@
 """The catalog's tables as SQLAlchemy Core objects (the migrations create them; queries use these).
 
-- `catalog_state`: one row holding the catalog version, the next row key and
-  the model of the stored vectors. Every write transaction updates it first,
-  so writers (threads or processes) commit in version order.
+- `catalog_state`: one row holding the catalog version, the next row key,
+  the model of the stored vectors and how far the deletions log was pruned.
+  Every write transaction updates it first, so writers (threads or
+  processes) commit in version order.
 - `products`: one row per product: metadata, image hash, model, vector (float32
   bytes) and the version of its last change.
-- `deletions`: the key and version of each deleted product, so an index can
-  catch up from a snapshot with the changes since its version.
+- `deletions`: the key, version and time of each deleted product, so an index
+  can catch up from a snapshot with the changes since its version; rows past
+  the retention period are pruned (see Catalog.prune_deletions).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ catalog_state = sa.Table(
     sa.Column("next_key", sa.BigInteger, nullable=False),
     sa.Column("model_id", sa.String(256), nullable=True),
     sa.Column("dim", sa.Integer, nullable=True),
+    # Deletions at or below this version may be pruned from the log.
+    sa.Column("pruned_version", sa.BigInteger, nullable=False, server_default="0"),
 )
 
 # Columns a search can filter on: indexed for SQL readers such as reports and
@@ -74,4 +78,6 @@ deletions = sa.Table(
     sa.Column("row_key", KEY_TYPE, primary_key=True, autoincrement=False),
     sa.Column("product_id", sa.String(256), nullable=False),
     sa.Column("version", sa.BigInteger, nullable=False, index=True),
+    # Unix seconds, from the deleting process's clock: retention needs no finer.
+    sa.Column("deleted_at", sa.BigInteger, nullable=False, index=True),
 )

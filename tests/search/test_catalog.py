@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from alembic import command
 
 from search_service.catalog import Catalog, create_catalog_engine
-from search_service.migrate import upgrade_to_head
+from search_service.migrate import alembic_config, upgrade_to_head
 from search_service.models import Product
 from tests.search.conftest import random_catalog
 from vpm_common.errors import Unavailable
@@ -24,7 +26,7 @@ def pairs(products: list[Product], vectors: np.ndarray) -> list[tuple[Product, n
 
 def test_migrations_create_the_schema_once(catalog_url: str, open_catalog: OpenCatalog) -> None:
     catalog = open_catalog(catalog_url)
-    assert upgrade_to_head(catalog.engine) == "0001"  # already there: nothing to do
+    assert upgrade_to_head(catalog.engine) == "0002"  # already there: nothing to do
     inspector = sa.inspect(catalog.engine)
     assert {"products", "deletions", "catalog_state", "alembic_version"} <= set(
         inspector.get_table_names()
@@ -32,8 +34,55 @@ def test_migrations_create_the_schema_once(catalog_url: str, open_catalog: OpenC
     indexed = {tuple(ix["column_names"]) for ix in inspector.get_indexes("products")}
     for column in ("gender", "master_category", "article_type", "base_colour", "year", "version"):
         assert (column,) in indexed
+    logged = {tuple(ix["column_names"]) for ix in inspector.get_indexes("deletions")}
+    assert {("version",), ("deleted_at",)} <= logged
     state = catalog.state()
     assert state.version == 0 and state.model_id is None and len(state.catalog_id) == 36
+    assert state.pruned_version == 0
+
+
+def test_a_catalog_of_revision_0001_upgrades_and_keeps_its_deletions(catalog_url: str) -> None:
+    """Deletions logged before retention existed count as deleted at the upgrade: none is
+    pruned early."""
+    engine = create_catalog_engine(catalog_url)
+    config = alembic_config()
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0001")
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO deletions VALUES (7, 'p7', 3)"))
+    before = time.time()
+    assert upgrade_to_head(engine) == "0002"
+    with engine.connect() as conn:
+        deleted_at = conn.execute(sa.text("SELECT deleted_at FROM deletions")).scalar_one()
+    assert before - 5 <= deleted_at <= time.time() + 5
+    engine.dispose()
+    catalog = Catalog.open(catalog_url)
+    assert catalog.state().pruned_version == 0 and catalog.deleted_since(0).tolist() == [7]
+    catalog.close()
+
+
+def test_deletions_older_than_the_retention_are_pruned(
+    catalog_url: str, open_catalog: OpenCatalog
+) -> None:
+    catalog = open_catalog(catalog_url)
+    products, vectors = random_catalog(10, 4)
+    catalog.upsert(pairs(products, vectors))  # version 1
+    catalog.delete(["p1", "p2"])  # version 2
+    catalog.delete(["p3"])  # version 3
+    with catalog.engine.begin() as conn:  # the first two deletions happened long ago
+        conn.execute(sa.text("UPDATE deletions SET deleted_at = 1000 WHERE version = 2"))
+    catalog.delete(["p4"])  # version 4, now
+    assert catalog.prune_deletions(before=5000) == (2, 2)
+    assert catalog.state().pruned_version == 2
+    assert sorted(catalog.deleted_since(0).tolist()) == sorted(
+        catalog.deleted_since(2).tolist()
+    )
+    assert len(catalog.deleted_since(2)) == 2
+    assert catalog.prune_deletions(before=5000) == (0, 2)  # nothing more that old
+    assert catalog.prune_deletions(before=time.time() + 60) == (2, 4)
+    assert catalog.state().pruned_version == 4 and catalog.state().version == 4
+    assert catalog.deleted_since(0).tolist() == []
 
 
 def test_upsert_classifies_and_stores_exact_vectors(
