@@ -11,8 +11,10 @@ from search_service.catalog import Catalog
 from search_service.embedder import QueryEmbedder
 from search_service.engine import SearchEngine
 from search_service.index import check_index_settings
+from search_service.query_cache import CachingEmbedder
 from search_service.server import SearchApp, create_server
 from search_service.settings import SearchSettings
+from search_service.upkeep import catch_up_every, prune_every
 from vpm_common.encoder_pool import EncoderPool
 from vpm_common.errors import Unavailable
 from vpm_common.logs import configure_logging
@@ -48,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def serve(settings: SearchSettings) -> int:
     """Open the catalog, listen (NOT_SERVING), load, report SERVING; on a signal, stop in order."""
     catalog = await asyncio.to_thread(
-        Catalog.open, settings.catalog_url, settings.sqlite_synchronous
+        Catalog.open, settings.catalog_url, settings.sqlite_synchronous, settings.catalog_pool_size
     )
     state = await asyncio.to_thread(catalog.state)
     try:
@@ -66,7 +68,9 @@ async def serve(settings: SearchSettings) -> int:
         if settings.encoder
         else None
     )
-    embedder = QueryEmbedder(pool)
+    embedder = CachingEmbedder(
+        QueryEmbedder(pool), settings.query_cache_size, settings.query_cache_max_bytes
+    )
     engine = SearchEngine(
         catalog,
         settings.data_dir,
@@ -96,9 +100,14 @@ async def serve(settings: SearchSettings) -> int:
     await app.serve()
     logger.info("SERVING on port %d", port)
     snapshots = asyncio.create_task(_snapshot_every(engine, settings.snapshot_interval_s))
+    # Other processes sharing the catalog write too: follow its change log.
+    following = asyncio.create_task(catch_up_every(engine, settings.catch_up_interval_s))
+    pruning = asyncio.create_task(prune_every(engine, settings.deletions_retention_days))
     signal_name = await stop
     logger.info("%s received: NOT_SERVING, stopping within %.0fs", signal_name, settings.grace_s)
     snapshots.cancel()
+    following.cancel()
+    pruning.cancel()
     await stop_gracefully(server, app.health, settings.grace_s)
     await embedder.close()
     await asyncio.to_thread(engine.close)  # flush the index snapshot, close the catalog

@@ -10,6 +10,7 @@ from search_service.models import (
     METADATA_FIELDS,
     DeleteSummary,
     Product,
+    QueryCacheStats,
     SearchQuery,
     SearchResult,
     Stats,
@@ -117,4 +118,20 @@ def stats_message(stats: Stats) -> search_pb2.Stats:
             search_pb2.EncoderStatus(target=e.target, state=e.state, model_id=e.model_id)
             for e in stats.encoders
         ],
+        query_cache=query_cache_message(stats.query_cache),
+    )
+
+
+def query_cache_message(cache: QueryCacheStats) -> search_pb2.QueryCacheStats:
+    return search_pb2.QueryCacheStats(
+        enabled=cache.enabled,
+        entries=cache.entries,
+        max_entries=cache.max_entries,
+        bytes=cache.bytes,
+        max_bytes=cache.max_bytes,
+        hits=cache.hits,
+        misses=cache.misses,
+        coalesced=cache.coalesced,
+        evictions=cache.evictions,
+        hit_ratio=cache.hit_ratio,
     )

@@ -1,7 +1,7 @@
 """The one door to the encoders: image and text queries (and image products) become vectors here.
 
-A query-embedding cache wraps this object (same methods), so every encoding
-the service asks for passes through here.
+The query embedding cache (query_cache.CachingEmbedder) wraps this object with
+the same methods, so every encoding the service asks for still passes through here.
 """
 
 from __future__ import annotations
@@ -50,6 +50,12 @@ class QueryEmbedder:
         """The encoders' model (for products sent with a vector but no model_id)."""
         pool = self._require(field)
         info = await _prefixed(field, pool.model_info(self.timeout_s))
+        return info.model_id
+
+    async def next_model_id(self, field: str = "model_id") -> str:
+        """The model of the encoder the next call goes to, without taking its turn (cache keys)."""
+        pool = self._require(field)
+        info = await _prefixed(field, pool.next_model_info(self.timeout_s))
         return info.model_id
 
     async def embed_image(self, data: bytes, field: str = "image") -> Embedding:

@@ -24,19 +24,21 @@ from search_service.checks import checked_items, query_options
 from search_service.embedder import QueryEmbedder
 from search_service.filters import Term
 from search_service.index import FLAT, single_threaded
-from search_service.mirror import CatalogMirror, Change
+from search_service.mirror import CatalogMirror, CaughtUp, Change
 from search_service.models import (
     DEFAULT_TOP_K,
     DeleteSummary,
     ItemFailure,
     Match,
     Product,
+    QueryCacheStats,
     SearchQuery,
     SearchResult,
     Stats,
     UpsertItem,
     UpsertSummary,
 )
+from search_service.query_cache import CachingEmbedder, Embedder
 from search_service.vectors import unit_vector
 from vpm_common.errors import (
     FailedPrecondition,
@@ -61,13 +63,13 @@ class SearchEngine:
         *,
         index_factory: str = FLAT,
         index_params: str = "",
-        embedder: QueryEmbedder | None = None,
+        embedder: Embedder | None = None,
         batch_size: int = 5000,
         search_threads: int = 8,
         scan_threads: int = 1,
     ) -> None:
         self.catalog = catalog
-        self.embedder = embedder or QueryEmbedder(None)
+        self.embedder: Embedder = embedder or QueryEmbedder(None)
         self.batch_size = batch_size
         self.index_factory = index_factory
         self.mirror = CatalogMirror(catalog, data_dir, index_factory, index_params, scan_threads)
@@ -88,13 +90,20 @@ class SearchEngine:
             self.mirror.load()
         self.loaded = True
         mirror = self.mirror
+        origin = (
+            "built from the catalog"
+            if mirror.snapshot_loaded is None
+            else f"the snapshot of version {mirror.snapshot_loaded} plus the changes since"
+        )
         logger.info(
-            "loaded %d products at catalog version %d (model %s), %s index of %d vectors, in %.1fs",
+            "loaded %d products at catalog version %d (model %s), %s index of %d vectors (%s), "
+            "in %.1fs",
             len(mirror.records),
             mirror.version,
             mirror.model_id or "-",
             self.index_factory,
             len(mirror.index) if mirror.index is not None else 0,
+            origin,
             time.monotonic() - started,
         )
 
@@ -102,9 +111,26 @@ class SearchEngine:
         """Write the index snapshot if it changed since the last one."""
         return self.mirror.save_snapshot()
 
-    def catch_up(self) -> None:
-        """Apply catalog changes made by other processes since the version held."""
-        self._applier.submit(self.mirror.catch_up).result()
+    def catch_up(self) -> CaughtUp:
+        """Apply catalog changes made by other processes since the version held.
+
+        It runs on the applier thread, so it takes its turn among this process's
+        own writes and the mirror stays in catalog version order.
+        """
+        return self._applier.submit(self.mirror.catch_up).result()
+
+    def prune_deletions(self, retention_s: float) -> int:
+        """Drop deletions older than `retention_s` from the catalog's log; rows removed."""
+        removed, pruned = self.catalog.prune_deletions(time.time() - retention_s)
+        if removed:
+            logger.info(
+                "pruned %d deletions older than %.1f days from the catalog's log (through "
+                "version %d)",
+                removed,
+                retention_s / 86400,
+                pruned,
+            )
+        return removed
 
     def close(self) -> None:
         """Flush the index to a snapshot, then close the catalog."""
@@ -233,7 +259,14 @@ class SearchEngine:
                 model_id=(mirror.model_id or "") if has_products else "",
                 dim=(mirror.dim or 0) if has_products else 0,
                 encoders=encoders,
+                query_cache=self.query_cache_stats(),
             )
+
+    def query_cache_stats(self) -> QueryCacheStats:
+        """The query embedding cache's counters (all zero without a cache in front)."""
+        if isinstance(self.embedder, CachingEmbedder):
+            return self.embedder.cache_stats()
+        return QueryCacheStats()
 
     def index_keys(self) -> np.ndarray:
         """The catalog keys the vector index holds, sorted (for checks that it agrees)."""

@@ -63,3 +63,36 @@ def observed(method: Callable[..., Any]) -> Callable[..., Any]:
             record(context, started, failed)
 
     return unary
+
+
+class _QueryCacheMetrics:
+    """The query embedding cache's counters, by query kind (image, text)."""
+
+    def __init__(self) -> None:
+        self.hits = Counter(
+            "vpm_search_query_cache_hits", "Queries answered from the embedding cache", ["kind"]
+        )
+        self.misses = Counter(
+            "vpm_search_query_cache_misses",
+            "Queries not in the embedding cache: one encoder call each",
+            ["kind"],
+        )
+        self.coalesced = Counter(
+            "vpm_search_query_cache_coalesced",
+            "Queries that waited for an identical query's encoder call in flight",
+            ["kind"],
+        )
+        self.evictions = Counter(
+            "vpm_search_query_cache_evictions",
+            "Entries evicted from the embedding cache (least recently used first)",
+            ["kind"],
+        )
+        self.entries = Gauge("vpm_search_query_cache_entries", "Entries in the embedding cache")
+        self.bytes = Gauge("vpm_search_query_cache_bytes", "Estimated bytes the cache holds")
+        self.hit_ratio = Gauge(
+            "vpm_search_query_cache_hit_ratio",
+            "Share of image and text queries since start that cost no encoder call",
+        )
+
+
+QUERY_CACHE = _QueryCacheMetrics()

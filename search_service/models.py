@@ -126,6 +126,27 @@ class EncoderState:
 
 
 @dataclass(frozen=True, slots=True)
+class QueryCacheStats:
+    """The query embedding cache's state and counters since start (all zero when disabled)."""
+
+    enabled: bool = False
+    entries: int = 0
+    max_entries: int = 0
+    bytes: int = 0
+    max_bytes: int = 0
+    hits: int = 0
+    misses: int = 0
+    coalesced: int = 0
+    evictions: int = 0
+
+    @property
+    def hit_ratio(self) -> float:
+        """Share of image and text queries that cost no encoder call (0 before the first)."""
+        lookups = self.hits + self.misses + self.coalesced
+        return (self.hits + self.coalesced) / lookups if lookups else 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class Stats:
     products: int
     index_type: str
@@ -135,3 +156,4 @@ class Stats:
     model_id: str
     dim: int
     encoders: list[EncoderState]
+    query_cache: QueryCacheStats = field(default_factory=QueryCacheStats)

@@ -10,7 +10,7 @@ from grpc_health.v1 import health
 
 from search_service import convert
 from search_service.engine import SearchEngine
-from search_service.metrics import PRODUCTS, UPSERTED, observed
+from search_service.metrics import PRODUCTS, QUERY_CACHE, UPSERTED, observed
 from search_service.settings import SearchSettings
 from vpm.v1 import search_pb2, search_pb2_grpc
 from vpm_common.rpc import rpc_boundary
@@ -101,4 +101,7 @@ async def create_server(settings: SearchSettings, app: SearchApp) -> tuple[aio.S
     if port == 0:
         raise OSError(f"cannot listen on {settings.host}:{settings.port}")
     PRODUCTS.set_function(lambda: len(app.engine.mirror.records))
+    QUERY_CACHE.entries.set_function(lambda: app.engine.query_cache_stats().entries)
+    QUERY_CACHE.bytes.set_function(lambda: app.engine.query_cache_stats().bytes)
+    QUERY_CACHE.hit_ratio.set_function(lambda: app.engine.query_cache_stats().hit_ratio)
     return server, port

@@ -49,6 +49,27 @@ class SearchSettings:
     snapshot_interval_s: float = setting(
         300.0, "seconds between index snapshots while the catalog changes (0: only at shutdown)"
     )
+    catch_up_interval_s: float = setting(
+        1.0,
+        "seconds between reads of the catalog's change log, which bring in what other "
+        "processes sharing the catalog wrote (0: only at start)",
+    )
+    deletions_retention_days: float = setting(
+        7.0,
+        "days the catalog keeps its log of deleted products; a process or snapshot further "
+        "behind rebuilds its index from the catalog (0: keep the log forever)",
+    )
+    catalog_pool_size: int = setting(
+        8,
+        "connections kept open to a PostgreSQL catalog, and as many more under bursts; "
+        "ignored for SQLite",
+    )
+    query_cache_size: int = setting(
+        10_000, "image and text query embeddings kept, least recently used out first (0: off)"
+    )
+    query_cache_max_bytes: int = setting(
+        64 * 1024 * 1024, "estimated bytes the query embedding cache may hold"
+    )
     search_threads: int = setting(8, "worker threads that run searches")
     scan_threads: int = setting(
         min(2, os.cpu_count() or 1),
@@ -81,6 +102,15 @@ class SearchSettings:
             f"must be 1 to 100000, got {self.batch_size}",
         )
         check(self.snapshot_interval_s >= 0, "snapshot_interval_s", "must not be negative")
+        check(self.catch_up_interval_s >= 0, "catch_up_interval_s", "must not be negative")
+        check(
+            self.deletions_retention_days >= 0,
+            "deletions_retention_days",
+            "must not be negative",
+        )
+        check(1 <= self.catalog_pool_size <= 1000, "catalog_pool_size", "must be 1 to 1000")
+        check(self.query_cache_size >= 0, "query_cache_size", "must not be negative")
+        check(self.query_cache_max_bytes >= 0, "query_cache_max_bytes", "must not be negative")
         check(self.search_threads >= 1, "search_threads", "must be at least 1")
         check(1 <= self.scan_threads <= 64, "scan_threads", "must be 1 to 64")
         check(self.max_message_bytes >= 1024, "max_message_bytes", "must be at least 1024")

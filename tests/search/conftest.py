@@ -16,6 +16,7 @@ from search_service.catalog import Catalog
 from search_service.embedder import QueryEmbedder
 from search_service.engine import SearchEngine
 from search_service.models import Product
+from search_service.query_cache import CachingEmbedder
 from search_service.server import SearchApp, create_server
 from search_service.settings import SearchSettings
 from tests.search.fake_encoder import FakeEncoder, start_fake_encoder
@@ -171,15 +172,22 @@ class RunningSearch:
 
 
 def serve_engine(
-    engine: SearchEngine, encoders: tuple[str, ...] = (), timeout_s: float = 10.0
+    engine: SearchEngine,
+    encoders: tuple[str, ...] = (),
+    timeout_s: float = 10.0,
+    query_cache_size: int = SearchSettings.query_cache_size,
 ) -> RunningSearch:
-    """A real search server in-process on a free port, over a loaded engine."""
+    """A real search server in-process on a free port, over a loaded engine; with encoders,
+    behind the query cache as in main (query_cache_size 0: none)."""
     settings = SearchSettings(host="127.0.0.1", port=0, metrics_port=0, encoder=encoders)
 
     async def build():  # noqa: ANN202 - ServerThread's builder
         # As in main: the encoder pool's channels belong to the serving event loop.
         if encoders:
-            engine.embedder = QueryEmbedder(EncoderPool(encoders, timeout_s=timeout_s))
+            embedder = QueryEmbedder(EncoderPool(encoders, timeout_s=timeout_s))
+            engine.embedder = CachingEmbedder(
+                embedder, query_cache_size, settings.query_cache_max_bytes
+            )
         return await create_server(settings, SearchApp(engine))
 
     thread = ServerThread(build)

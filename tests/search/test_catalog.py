@@ -75,9 +75,7 @@ def test_deletions_older_than_the_retention_are_pruned(
     catalog.delete(["p4"])  # version 4, now
     assert catalog.prune_deletions(before=5000) == (2, 2)
     assert catalog.state().pruned_version == 2
-    assert sorted(catalog.deleted_since(0).tolist()) == sorted(
-        catalog.deleted_since(2).tolist()
-    )
+    assert sorted(catalog.deleted_since(0).tolist()) == sorted(catalog.deleted_since(2).tolist())
     assert len(catalog.deleted_since(2)) == 2
     assert catalog.prune_deletions(before=5000) == (0, 2)  # nothing more that old
     assert catalog.prune_deletions(before=time.time() + 60) == (2, 4)

@@ -1,0 +1,60 @@
+"""Background upkeep of a serving engine: following the shared catalog, pruning its deletions log.
+
+Several search processes may share one catalog (PostgreSQL). Each keeps its
+mirror in step by reading the catalog's change log every few seconds: only
+the changes since the version it holds, never a full rebuild.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from search_service.engine import SearchEngine
+from vpm_common.errors import VpmError
+
+logger = logging.getLogger(__name__)
+
+# Pruning is cheap and retention is counted in days: once an hour is plenty.
+PRUNE_INTERVAL_S = 3600.0
+
+
+async def catch_up_every(engine: SearchEngine, interval_s: float) -> None:
+    """Apply what other processes wrote to the catalog, every `interval_s`, until cancelled."""
+    if interval_s <= 0:
+        return
+    failing = False
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await asyncio.to_thread(engine.catch_up)
+        except VpmError as err:
+            if not failing:  # once per outage, not once a second
+                logger.warning("cannot catch up with the catalog: %s (retrying)", err.message)
+            failing = True
+            continue
+        except Exception:  # noqa: BLE001 - a bug must not stop the process from following
+            logger.exception("catching up with the catalog failed")
+            continue
+        if failing:
+            logger.info("catching up with the catalog again")
+            failing = False
+
+
+async def prune_every(
+    engine: SearchEngine, retention_days: float, interval_s: float = PRUNE_INTERVAL_S
+) -> None:
+    """Drop deletions older than `retention_days` from the catalog's log, now and then.
+
+    Any process sharing the catalog may do it; the catalog's state row orders them.
+    """
+    if retention_days <= 0:
+        return
+    while True:
+        try:
+            await asyncio.to_thread(engine.prune_deletions, retention_days * 86400)
+        except VpmError as err:
+            logger.warning("cannot prune the catalog's deletions log: %s", err.message)
+        except Exception:  # noqa: BLE001 - retried at the next interval
+            logger.exception("pruning the catalog's deletions log failed")
+        await asyncio.sleep(interval_s)
