@@ -3,6 +3,7 @@
 python -m demo.query --image photo.jpg [--top-k 5] [--filter articleType=Dresses]
 python -m demo.query --text "red striped t-shirt"
 python -m demo.query --id 10042
+python -m demo.query --id 10042 --tls-ca ca.pem --auth-token-file token   # a secured service
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ from pathlib import Path
 import grpc
 
 from vpm.v1 import search_pb2, search_pb2_grpc
+from vpm_common.security import PLAINTEXT, ClientSecurity
 
 
 def search(
-    target: str, request: search_pb2.SearchRequest, timeout_s: float = 30
+    target: str,
+    request: search_pb2.SearchRequest,
+    timeout_s: float = 30,
+    security: ClientSecurity = PLAINTEXT,
 ) -> search_pb2.SearchResponse:
-    channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
+    channel = security.channel(target, [("grpc.max_send_message_length", 64 << 20)])
     with channel:
         return search_pb2_grpc.SearchStub(channel).Search(request, timeout=timeout_s)
 
@@ -46,7 +51,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--filter", action="append", default=[], metavar="FIELD=VALUE")
     parser.add_argument("--search", default="127.0.0.1:50052", help="the search service, host:port")
+    parser.add_argument("--tls-ca", type=Path, help="PEM CA of the service's certificate (TLS)")
+    parser.add_argument("--tls-cert", type=Path, help="PEM client certificate (mutual TLS)")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    parser.add_argument("--auth-token-file", type=Path, help="file holding the bearer token")
     args = parser.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    try:
+        security = ClientSecurity.load(
+            ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, token_file=args.auth_token_file
+        )
+    except (OSError, ValueError) as error:
+        parser.error(f"cannot read the TLS or token files: {error}")
     filters = dict(item.split("=", 1) for item in args.filter)
     request = search_pb2.SearchRequest(top_k=args.top_k, filters=filters)
     if args.image:
@@ -56,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         request.product_id = args.id
     try:
-        response = search(args.search, request)
+        response = search(args.search, request, security=security)
     except grpc.RpcError as error:
         print(f"search failed: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1

@@ -53,8 +53,9 @@ async def serve(settings: EncoderSettings) -> int:
 
         start_http_server(settings.metrics_port, registry=metrics.registry)
     logger.info(
-        "listening on port %d (metrics on %s); loading %s (%s)",
+        "listening on port %d (%s; metrics on %s); loading %s (%s)",
         port,
+        settings.security().describe(),
         settings.metrics_port or "off",
         settings.model,
         settings.pretrained,

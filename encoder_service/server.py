@@ -19,7 +19,7 @@ from encoder_service.settings import EncoderSettings
 from vpm.v1 import encoder_pb2, encoder_pb2_grpc
 from vpm_common.errors import STATUS_CODES, Unavailable, VpmError
 from vpm_common.rpc import rpc_boundary
-from vpm_common.serving import add_health_and_reflection, new_server, set_serving
+from vpm_common.serving import add_health_and_reflection, listen, new_server, set_serving
 
 logger = logging.getLogger(__name__)
 
@@ -165,11 +165,16 @@ def _reply(item_id: str, outcome: Any) -> encoder_pb2.EmbeddingItem:
 
 async def create_server(settings: EncoderSettings, app: EncoderApp) -> tuple[aio.Server, int]:
     """A server for `app` bound to settings.host:settings.port (0: a free port); not yet started."""
+    security = settings.security()
     server = new_server(
-        settings.max_message_bytes(), max_connection_age_s=settings.max_connection_age_s
+        settings.max_message_bytes(),
+        max_connection_age_s=settings.max_connection_age_s,
+        auth=security.auth(),
+        max_concurrent_rpcs=settings.max_concurrent_rpcs,
+        max_streams_per_connection=settings.max_streams_per_connection,
     )
     encoder_pb2_grpc.add_EncoderServicer_to_server(EncoderServicer(app), server)
     add_health_and_reflection(server, [SERVICE_NAME], app.health)
     await set_serving(app.health, [SERVICE_NAME], app.engine is not None)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    port = listen(server, f"{settings.host}:{settings.port}", security.credentials())
     return server, port

@@ -25,7 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vpm.v1 import encoder_pb2, encoder_pb2_grpc
 from vpm_common.errors import STATUS_CODES
-from vpm_common.targets import expand, split_targets
+from vpm_common.security import PLAINTEXT, ClientSecurity
+from vpm_common.targets import DNS_PREFIX, expand, split_targets
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +88,10 @@ class EncoderFleet:
         max_attempts: int = 5,
         stall_s: float = 120.0,
         resolve_every_s: float = 30.0,
+        security: ClientSecurity = PLAINTEXT,
     ):
         self.specs = split_targets(specs)
+        self.security = security
         if not self.specs:
             raise FleetError("no encoder targets given")
         self.targets: list[EncoderTarget] = []
@@ -110,16 +113,16 @@ class EncoderFleet:
             for address in expand(spec):
                 if address not in known:
                     known.add(address)
-                    added.append(self._target(address))
+                    added.append(self._target(address, _server_name(spec)))
         self.targets += added
         return added
 
-    def _target(self, address: str) -> EncoderTarget:
+    def _target(self, address: str, name: str) -> EncoderTarget:
         options = [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ]
-        channel = aio.insecure_channel(address, options=options)
+        channel = self.security.aio_channel(address, options, server_name=name)
         stub, health = encoder_pb2_grpc.EncoderStub(channel), health_pb2_grpc.HealthStub(channel)
         return EncoderTarget(address, channel, stub, health)
 
@@ -357,6 +360,17 @@ class _Run:
         sender.cancel()
         await asyncio.gather(sender, return_exceptions=True)
         await call.done_writing()
+
+
+def _server_name(spec: str) -> str:
+    """The name a TLS certificate must carry for the addresses of a dns:/// spec; "" for others.
+
+    This client dials each resolved address itself, and would otherwise check the
+    certificate against a bare IP address.
+    """
+    if not spec.startswith(DNS_PREFIX):
+        return ""
+    return spec[len(DNS_PREFIX) :].rpartition(":")[0]
 
 
 def _read(path: Path) -> tuple[bytes, str]:

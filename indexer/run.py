@@ -84,13 +84,17 @@ async def run(settings: IndexerSettings) -> Summary:
         )
     logger.info("found %d products with images", summary.found)
 
+    security = settings.security()
     try:
         fleet = EncoderFleet(
-            list(settings.encoder), window=settings.window, stall_s=settings.stall_s
+            list(settings.encoder),
+            window=settings.window,
+            stall_s=settings.stall_s,
+            security=security,
         )
     except FleetError as error:
         raise SetupError(str(error)) from None
-    search = SearchClient(settings.search, timeout_s=settings.timeout_s)
+    search = SearchClient(settings.search, timeout_s=settings.timeout_s, security=security)
     try:
         plan = await _prepare(settings, discovery, fleet, search, summary)
         if not settings.dry_run:

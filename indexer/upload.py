@@ -17,6 +17,7 @@ from grpc import aio
 
 from indexer.plan import METADATA_FIELDS, Stored
 from vpm.v1 import search_pb2, search_pb2_grpc
+from vpm_common.security import PLAINTEXT, ClientSecurity
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +43,19 @@ class UploadTotals:
 
 
 class SearchClient:
-    def __init__(self, target: str, timeout_s: float = 120.0, attempts: int = 6) -> None:
+    def __init__(
+        self,
+        target: str,
+        timeout_s: float = 120.0,
+        attempts: int = 6,
+        security: ClientSecurity = PLAINTEXT,
+    ) -> None:
         options = [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ]
         self.target = target
-        self.channel = aio.insecure_channel(target, options=options)
+        self.channel = security.aio_channel(target, options)
         self.stub = search_pb2_grpc.SearchStub(self.channel)
         self.timeout_s = timeout_s
         self.attempts = attempts

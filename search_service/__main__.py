@@ -64,6 +64,7 @@ async def serve(settings: SearchSettings) -> int:
             settings.encoder,
             timeout_s=settings.encoder_timeout_s,
             max_message_bytes=settings.max_message_bytes,
+            security=settings.encoder_security(),
         )
         if settings.encoder
         else None
@@ -89,8 +90,9 @@ async def serve(settings: SearchSettings) -> int:
         start_http_server(settings.metrics_port)
     await server.start()
     logger.info(
-        "search service on port %d (catalog %s, index %s, encoders %s): loading",
+        "search service on port %d (%s; catalog %s, index %s, encoders %s): loading",
         port,
+        settings.security().describe(),
         catalog.url,
         settings.index_factory,
         ",".join(settings.encoder) or "none",

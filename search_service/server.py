@@ -14,7 +14,7 @@ from search_service.metrics import PRODUCTS, QUERY_CACHE, UPSERTED, observed
 from search_service.settings import SearchSettings
 from vpm.v1 import search_pb2, search_pb2_grpc
 from vpm_common.rpc import rpc_boundary
-from vpm_common.serving import add_health_and_reflection, new_server, set_serving
+from vpm_common.serving import add_health_and_reflection, listen, new_server, set_serving
 
 SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["Search"].full_name
 
@@ -93,11 +93,17 @@ async def create_server(settings: SearchSettings, app: SearchApp) -> tuple[aio.S
     Health says SERVING when the engine is already loaded; otherwise NOT_SERVING
     until the caller loads it and calls `app.serve()` (see __main__).
     """
-    server = new_server(settings.max_message_bytes)
+    security = settings.security()
+    server = new_server(
+        settings.max_message_bytes,
+        auth=security.auth(),
+        max_concurrent_rpcs=settings.max_concurrent_rpcs,
+        max_streams_per_connection=settings.max_streams_per_connection,
+    )
     search_pb2_grpc.add_SearchServicer_to_server(SearchServicer(app.engine), server)
     add_health_and_reflection(server, [SERVICE_NAME], app.health)
     await set_serving(app.health, [SERVICE_NAME], app.engine.loaded)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    port = listen(server, f"{settings.host}:{settings.port}", security.credentials())
     if port == 0:
         raise OSError(f"cannot listen on {settings.host}:{settings.port}")
     PRODUCTS.set_function(lambda: len(app.engine.mirror.records))

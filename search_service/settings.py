@@ -7,6 +7,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from vpm_common.security import (
+    ClientSecurity,
+    ServerSecurity,
+    check_tls_settings,
+    check_token_settings,
+)
 from vpm_common.settings import check, setting
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -39,6 +45,22 @@ class SearchSettings:
         "empty: image and text queries answer UNAVAILABLE",
     )
     encoder_timeout_s: float = setting(30.0, "deadline of each encoder call, in seconds")
+    encoder_tls: bool = setting(
+        False,
+        "reach the encoders over TLS (implied by --encoder-tls-ca and --encoder-tls-cert); "
+        "without --encoder-tls-ca the system's roots verify them",
+    )
+    encoder_tls_ca: Path | None = setting(None, "PEM CA that signed the encoders' certificates")
+    encoder_tls_cert: Path | None = setting(
+        None, "PEM client certificate shown to encoders that ask for one (mutual TLS)"
+    )
+    encoder_tls_key: Path | None = setting(None, "PEM private key of --encoder-tls-cert")
+    encoder_auth_token: str = setting(
+        "", "bearer token sent to the encoders; set the variable: a flag shows in the process list"
+    )
+    encoder_auth_token_file: Path | None = setting(
+        None, "file holding the bearer token sent to the encoders"
+    )
     batch_size: int = setting(5000, "products committed per catalog transaction")
     sqlite_synchronous: str = setting(
         "FULL",
@@ -75,6 +97,29 @@ class SearchSettings:
         min(2, os.cpu_count() or 1),
         "threads one exact (Flat) search scans with: the float16 copy is split in as many shards",
     )
+    tls_cert: Path | None = setting(
+        None, "PEM certificate (chain) of this server: serve TLS only (with --tls-key)"
+    )
+    tls_key: Path | None = setting(None, "PEM private key of --tls-cert, unencrypted")
+    tls_client_ca: Path | None = setting(
+        None, "PEM CA: clients must show a certificate it signed (mutual TLS)"
+    )
+    auth_token: str = setting(
+        "",
+        "bearer token clients must send (authorization: Bearer ...), health checks excepted; "
+        "set the variable: a flag shows in the process list",
+    )
+    auth_token_file: Path | None = setting(
+        None,
+        "file of accepted bearer tokens, one per line; re-read when it changes, so tokens "
+        "rotate without a restart",
+    )
+    max_concurrent_rpcs: int = setting(
+        1000, "calls in flight before new ones get RESOURCE_EXHAUSTED (health checks excepted)"
+    )
+    max_streams_per_connection: int = setting(
+        256, "calls one client connection may hold open at once; more wait in the client"
+    )
     metrics_port: int = setting(9152, "Prometheus metrics HTTP port (0 disables)")
     max_message_bytes: int = setting(64 * 1024 * 1024, "largest gRPC message, in bytes")
     grace_s: float = setting(10.0, "seconds running calls get to finish at shutdown")
@@ -96,6 +141,10 @@ class SearchSettings:
                 f"{target!r} is not host:port or a gRPC target such as dns:///name:port",
             )
         check(self.encoder_timeout_s > 0, "encoder_timeout_s", "must be positive")
+        check_tls_settings(
+            self, "encoder_tls_cert", "encoder_tls_key", "encoder_tls_ca", server=False
+        )
+        check_token_settings(self, "encoder_auth_token", "encoder_auth_token_file", server=False)
         check(
             1 <= self.batch_size <= 100_000,
             "batch_size",
@@ -115,3 +164,28 @@ class SearchSettings:
         check(1 <= self.scan_threads <= 64, "scan_threads", "must be 1 to 64")
         check(self.max_message_bytes >= 1024, "max_message_bytes", "must be at least 1024")
         check(self.grace_s >= 0, "grace_s", "must not be negative")
+        check(self.max_concurrent_rpcs >= 0, "max_concurrent_rpcs", "must not be negative")
+        check(
+            self.max_streams_per_connection >= 0,
+            "max_streams_per_connection",
+            "must not be negative",
+        )
+        check_tls_settings(self, "tls_cert", "tls_key", "tls_client_ca", server=True)
+        check_token_settings(self, "auth_token", "auth_token_file", server=True)
+
+    def security(self) -> ServerSecurity:
+        """How this server takes calls: TLS files and accepted tokens."""
+        return ServerSecurity(
+            self.tls_cert, self.tls_key, self.tls_client_ca, self.auth_token, self.auth_token_file
+        )
+
+    def encoder_security(self) -> ClientSecurity:
+        """How this service reaches its encoders (reads the files: call once, at start)."""
+        return ClientSecurity.load(
+            tls=self.encoder_tls,
+            ca=self.encoder_tls_ca,
+            cert=self.encoder_tls_cert,
+            key=self.encoder_tls_key,
+            token=self.encoder_auth_token,
+            token_file=self.encoder_auth_token_file,
+        )

@@ -31,6 +31,7 @@ from vpm_common.errors import (
     Unavailable,
     VpmError,
 )
+from vpm_common.security import PLAINTEXT, ClientSecurity
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +66,11 @@ class TargetStatus:
 class _Target:
     """One channel and what this client has seen of it."""
 
-    def __init__(self, target: str, options: list[tuple[str, object]]) -> None:
+    def __init__(
+        self, target: str, options: list[tuple[str, object]], security: ClientSecurity
+    ) -> None:
         self.name = target
-        self.channel = aio.insecure_channel(target, options=options)
+        self.channel = security.aio_channel(target, options)
         self.encoder = encoder_pb2_grpc.EncoderStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.model_info: encoder_pb2.ModelInfo | None = None
@@ -100,6 +103,7 @@ class EncoderPool:
         attempts: int = 4,
         backoff_s: float = 0.05,
         max_message_bytes: int = 64 * 1024 * 1024,
+        security: ClientSecurity = PLAINTEXT,
     ) -> None:
         if not targets:
             raise ValueError("an encoder pool needs at least one target")
@@ -118,7 +122,9 @@ class EncoderPool:
             *base,
             ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
         ]
-        self._targets = [_Target(t, balanced if t.startswith("dns:") else base) for t in targets]
+        self._targets = [
+            _Target(t, balanced if t.startswith("dns:") else base, security) for t in targets
+        ]
         self._next = 0
 
     @property
@@ -266,8 +272,14 @@ class EncoderPool:
                 grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
                 grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
             }.get(code, Unavailable)
+            if error_class is Unavailable:
+                # Our caller's client gets the code only: gRPC's details of a refused token
+                # or a failed handshake describe this service's setup, and go to the log.
+                logger.error("encoder %s: %s: %s", target.name, code.name, err.details())
+                raise Unavailable(f"encoder {target.name}: {code.name}")
             raise error_class(f"encoder {target.name}: {code.name}: {err.details()}")
-        errors.append(f"{target.name}: {code.name}: {err.details()}")
+        # Likewise: connection failures say which TLS check failed, or which address refused.
+        errors.append(f"{target.name}: {code.name}")
         logger.warning(
             "encoder %s: %s: %s (attempt %d)", target.name, code.name, err.details(), attempt + 1
         )

@@ -7,11 +7,13 @@ import logging
 import signal
 from collections.abc import Sequence
 
+import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from vpm_common.rpc import DecodeGuard
+from vpm_common.security import CallLimit
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +36,20 @@ def new_server(
     max_message_bytes: int,
     interceptors: Sequence[aio.ServerInterceptor] = (),
     max_connection_age_s: float = 0,
+    *,
+    auth: aio.ServerInterceptor | None = None,
+    max_concurrent_rpcs: int = 0,
+    max_streams_per_connection: int = 0,
 ) -> aio.Server:
     """An aio server with our options; malformed requests get INVALID_ARGUMENT (DecodeGuard).
 
     With max_connection_age_s, connections are closed after that long (running
     calls get a minute more): clients then resolve names again and spread over
-    replicas added since.
+    replicas added since. `auth` (security.TokenAuth) runs first, so a refused
+    call costs no parsing and no slot of `max_concurrent_rpcs` (past which calls
+    get RESOURCE_EXHAUSTED; 0: no cap). `max_streams_per_connection` is HTTP/2's
+    SETTINGS_MAX_CONCURRENT_STREAMS: one client connection cannot hold more calls
+    open at once (0: gRPC's default, no limit).
     """
     options = server_options(max_message_bytes)
     if max_connection_age_s:
@@ -47,7 +57,19 @@ def new_server(
             ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
             ("grpc.max_connection_age_grace_ms", 60_000),
         ]
-    return aio.server(options=options, interceptors=[DecodeGuard(), *interceptors])
+    if max_streams_per_connection:
+        options.append(("grpc.max_concurrent_streams", max_streams_per_connection))
+    guards: list[aio.ServerInterceptor] = [auth] if auth is not None else []
+    if max_concurrent_rpcs:
+        guards.append(CallLimit(max_concurrent_rpcs))
+    return aio.server(options=options, interceptors=[*guards, DecodeGuard(), *interceptors])
+
+
+def listen(server: aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Bind `address` with TLS when `credentials` are given, in plain text otherwise."""
+    if credentials is None:
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, credentials)
 
 
 def add_health_and_reflection(

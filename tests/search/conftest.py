@@ -72,6 +72,13 @@ def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
+def postgres_catalog_url(postgres_url: str) -> str:
+    """The URL of an empty catalog in this session's PostgreSQL database."""
+    _empty_postgres(postgres_url)
+    return postgres_url
+
+
+@pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path}/catalog.db"
 

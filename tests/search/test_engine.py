@@ -33,6 +33,8 @@ def catalog_10k() -> tuple[list[Product], np.ndarray]:
 def engine_10k(
     open_engine: OpenEngine, sqlite_url: str, catalog_10k: tuple
 ) -> tuple[SearchEngine, list[Product], np.ndarray]:
+    # SQLite only: these searches read the in-memory mirror, never the catalog, and the
+    # catalog's own tests and the writing tests below run on PostgreSQL too.
     products, vectors = catalog_10k
     engine = open_engine(sqlite_url)
     summary = engine.upsert_products(zip(products, vectors, strict=True))
@@ -154,9 +156,9 @@ def test_query_checks_name_the_field(engine_10k: tuple) -> None:
 
 
 def test_upsert_stream_counts_each_outcome_and_last_duplicate_wins(
-    open_engine: OpenEngine, sqlite_url: str
+    open_engine: OpenEngine, catalog_url: str
 ) -> None:
-    engine = open_engine(sqlite_url)
+    engine = open_engine(catalog_url)
     products, vectors = random_catalog(5, 4)
 
     async def stream(items):
@@ -238,13 +240,13 @@ def test_restart_loads_the_snapshot_and_catches_up(
 @pytest.mark.parametrize("damage", ["corrupt", "other catalog", "ahead", "other factory"])
 def test_untrustworthy_snapshots_are_rebuilt(
     open_engine: OpenEngine,
-    sqlite_url: str,
+    catalog_url: str,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
     damage: str,
 ) -> None:
     products, vectors = random_catalog(500, 8)
-    engine = open_engine(sqlite_url, tmp_path / "d")
+    engine = open_engine(catalog_url, tmp_path / "d")
     engine.upsert_products(zip(products, vectors, strict=True))
     engine.save_snapshot()
     path = engine.mirror.snapshot_path
@@ -259,14 +261,14 @@ def test_untrustworthy_snapshots_are_rebuilt(
         index.save(path, {**meta, "version": meta["version"] + 5})
     options = {"index_factory": "HNSW32"} if damage == "other factory" else {}
     caplog.set_level(logging.INFO)
-    again = open_engine(sqlite_url, tmp_path / "d", **options)
+    again = open_engine(catalog_url, tmp_path / "d", **options)
     assert "rebuild" in caplog.text and "building the" in caplog.text
     assert again.mirror.agrees() and len(again.index_keys()) == 500
     assert again.search_vector(vectors[9], top_k=1).matches[0].product.id == "p9"
 
 
-def test_searches_never_see_half_a_batch(open_engine: OpenEngine, sqlite_url: str) -> None:
-    engine = open_engine(sqlite_url, batch_size=400)
+def test_searches_never_see_half_a_batch(open_engine: OpenEngine, catalog_url: str) -> None:
+    engine = open_engine(catalog_url, batch_size=400)
     products, vectors = random_catalog(4000, 8)
     tagged = [
         dataclasses.replace(p, attributes={"batch": str(i // 400)}) for i, p in enumerate(products)
@@ -299,10 +301,10 @@ def test_searches_never_see_half_a_batch(open_engine: OpenEngine, sqlite_url: st
 
 
 def test_image_products_and_queries_go_through_the_encoder(
-    open_engine: OpenEngine, sqlite_url: str, fake_encoders: Callable
+    open_engine: OpenEngine, catalog_url: str, fake_encoders: Callable
 ) -> None:
     fake, server = fake_encoders(dim=16)
-    engine = open_engine(sqlite_url)
+    engine = open_engine(catalog_url)
 
     async def run():
         engine.embedder = QueryEmbedder(EncoderPool([server.target], timeout_s=5))
@@ -337,10 +339,10 @@ def test_image_products_and_queries_go_through_the_encoder(
 
 
 def test_an_encoder_of_another_model_is_refused(
-    open_engine: OpenEngine, sqlite_url: str, fake_encoders: Callable
+    open_engine: OpenEngine, catalog_url: str, fake_encoders: Callable
 ) -> None:
     _, server = fake_encoders(dim=8, model_id="a-new-model")
-    engine = open_engine(sqlite_url)
+    engine = open_engine(catalog_url)
     products, vectors = random_catalog(10, 8)
     engine.upsert_products(zip(products, vectors, strict=True))
 
@@ -363,9 +365,9 @@ def test_an_encoder_of_another_model_is_refused(
 
 
 def test_ivf_index_trains_once_the_catalog_is_large_enough(
-    open_engine: OpenEngine, sqlite_url: str
+    open_engine: OpenEngine, catalog_url: str
 ) -> None:
-    engine = open_engine(sqlite_url, index_factory="IVF8,Flat")
+    engine = open_engine(catalog_url, index_factory="IVF8,Flat")
     products, vectors = random_catalog(1500, 8)
     engine.upsert_products(zip(products[:300], vectors[:300], strict=True))
     with pytest.raises(FailedPrecondition) as caught:
@@ -385,9 +387,9 @@ async def _stream(items):
 
 
 def test_an_emptied_catalog_takes_a_new_model_and_dimension(
-    open_engine: OpenEngine, sqlite_url: str
+    open_engine: OpenEngine, catalog_url: str
 ) -> None:
-    engine = open_engine(sqlite_url)
+    engine = open_engine(catalog_url)
     old, old_vectors = random_catalog(20, 8, model_id="old-model")
     engine.upsert_products(zip(old, old_vectors, strict=True))
     engine.delete([p.id for p in old])

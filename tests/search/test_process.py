@@ -229,6 +229,72 @@ def test_a_corrupt_snapshot_is_rebuilt_at_start(
     assert again.stop() == 0
 
 
+def wait_for(condition: Callable[[], bool], timeout_s: float = 30) -> float:
+    """Seconds until `condition()` held, polled every 20 ms; fails after `timeout_s`."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout_s, "condition never held"
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def has_product(service: Service, product_id: str) -> bool:
+    """GetProduct and a Search by product_id both find it (NOT_FOUND: not yet, or no more)."""
+    try:
+        service.stub.GetProduct(search_pb2.GetProductRequest(id=product_id))
+        service.stub.Search(search_pb2.SearchRequest(product_id=product_id, top_k=1))
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+        return False
+    return True
+
+
+def test_two_processes_sharing_postgresql_stay_in_step(
+    start_service: Callable[..., Service], postgres_catalog_url: str
+) -> None:
+    shared = f"--catalog-url={postgres_catalog_url}"
+    a = start_service(shared, "--data-dir=data-a")
+    b = start_service(shared, "--data-dir=data-b")
+    a.wait_serving()
+    b.wait_serving()
+
+    assert a.stub.UpsertProducts(iter(products_of_call(0))).inserted == 200
+    delay = wait_for(lambda: has_product(b, "c0-199"))
+    assert delay < 5, f"an upsert through A reached B after {delay:.2f}s"
+    assert all(has_product(b, f"c0-{j}") for j in range(0, 200, 20))
+    query = search_pb2.SearchRequest(vector=search_pb2.Vector(values=[1.0] * DIM), top_k=20)
+    assert a.stub.Search(query) == b.stub.Search(query)
+
+    b.stub.DeleteProducts(search_pb2.DeleteProductsRequest(ids=["c0-7", "c0-8"]))
+    delay = wait_for(lambda: not has_product(a, "c0-8"))
+    assert delay < 5, f"a deletion through B reached A after {delay:.2f}s"
+    assert not has_product(a, "c0-7")
+    assert "caught up from catalog version 0 to 1: 200 products changed, 0 deleted" in (
+        b.log.read_text()
+    )
+    assert "caught up from catalog version 1 to 2: 0 products changed, 2 deleted" in (
+        a.log.read_text()
+    )
+
+    # B stops; A writes meanwhile; B starts again from its snapshot plus the changes since.
+    assert b.stop() == 0
+    assert "index snapshot at catalog version 2 written" in b.log.read_text()
+    assert a.stub.UpsertProducts(iter(products_of_call(1))).inserted == 200
+    a.stub.DeleteProducts(search_pb2.DeleteProductsRequest(ids=["c0-9", "c1-0"]))
+    again = start_service(shared, "--data-dir=data-b")
+    again.wait_serving()
+    log = again.log.read_text()
+    assert "index snapshot at catalog version 2, catalog at 4: catching up" in log
+    assert "caught up from catalog version 2 to 4: 199 products changed, 2 deleted" in log
+    assert "the snapshot of version 2 plus the changes since" in log
+    assert "building the" not in log and "rebuilding" not in log
+    stats = again.stub.GetStats(search_pb2.GetStatsRequest())
+    assert (stats.products, stats.index_size, stats.catalog_version) == (396, 396, 4)
+    assert sorted(index_ids(again, 396)) == sorted(index_ids(a, 396)) == sorted(catalog_ids(a))
+    assert not has_product(again, "c1-0") and has_product(again, "c1-199")
+    assert a.stop() == 0 and again.stop() == 0
+
+
 def test_starts_and_serves_without_torch(start_service: Callable[..., Service]) -> None:
     service = start_service(python_args=("-c", WITHOUT_TORCH))
     service.wait_serving()

@@ -28,10 +28,10 @@ def jpeg(seed: int, size: int = 96) -> bytes:
 def test_image_products_and_image_text_queries(
     real_encoder: ServerThread,
     open_engine: Callable[..., SearchEngine],
-    sqlite_url: str,
+    catalog_url: str,
     start_search: Callable,
 ) -> None:
-    running = start_search(open_engine(sqlite_url), encoders=(real_encoder.target,), timeout_s=60)
+    running = start_search(open_engine(catalog_url), encoders=(real_encoder.target,), timeout_s=60)
     embedder = running.engine.embedder
     encoded = []
     original = embedder.embed_images

@@ -46,10 +46,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSearch]:
 
 @pytest.fixture
 def small(
-    open_engine: Callable[..., SearchEngine], sqlite_url: str, start_search: Callable
+    open_engine: Callable[..., SearchEngine], catalog_url: str, start_search: Callable
 ) -> RunningSearch:
     """A server over 1,000 products, for the tests that change them."""
-    engine = open_engine(sqlite_url)
+    engine = open_engine(catalog_url)
     products, vectors = random_catalog(1000, DIM, seed=3)
     engine.upsert_products(zip(products, vectors, strict=True))
     running = start_search(engine)
@@ -226,7 +226,7 @@ def test_product_reads_and_deletes(small: RunningSearch) -> None:
     assert (stats.products, stats.index_size, stats.index_type) == (998, 998, "Flat")
     assert stats.catalog_version == deleted.catalog_version == 2
     assert (stats.model_id, stats.dim, list(stats.encoders)) == ("test-model", DIM, [])
-    assert stats.catalog_url.startswith("sqlite:///")
+    assert stats.catalog_url == small.engine.catalog.url  # password masked, if any
     listed = list(stub.ListProducts(search_pb2.ListProductsRequest()))
     assert len(listed) == 998 and not listed[0].vector
     assert {p.id for p in listed} == {p.id for p in small.products} - {"p1", "p2"}
@@ -272,12 +272,12 @@ def test_catalog_failure_is_unavailable_without_sql(small: RunningSearch) -> Non
 
 def test_image_and_text_queries_with_an_encoder(
     open_engine: Callable[..., SearchEngine],
-    sqlite_url: str,
+    catalog_url: str,
     start_search: Callable,
     fake_encoders: Callable,
 ) -> None:
     fake, encoder = fake_encoders(dim=DIM)
-    running = start_search(open_engine(sqlite_url), encoders=(encoder.target,))
+    running = start_search(open_engine(catalog_url), encoders=(encoder.target,))
 
     def stream():
         for i in range(30):
