@@ -11,6 +11,8 @@ import time
 BENCHES = {
     "encoder": "bench.encoder_bench",
     "search": "bench.search_bench",
+    "query-cache": "bench.query_cache_bench",
+    "shared-catalog": "bench.shared_catalog_bench",
     "indexer": "bench.indexer_bench",
 }
 
