@@ -28,8 +28,8 @@ from vpm_common.errors import Unavailable, VpmError
 logger = logging.getLogger(__name__)
 
 # Bytes an entry costs beyond its vector and model id: the key tuple and its 32-byte
-# digest, the OrderedDict node, the Embedding and the ndarray headers (~400 measured
-# with sys.getsizeof on CPython 3.11; rounded up).
+# digest, the OrderedDict node, the Embedding and the ndarray header (~460 measured
+# with tracemalloc over 10,000 entries on CPython 3.11; rounded up).
 ENTRY_OVERHEAD = 512
 
 # (kind, model id, sha256 digest of the content)

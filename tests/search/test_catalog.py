@@ -210,3 +210,18 @@ def test_password_is_masked_in_the_url(postgres_url: str) -> None:
     engine = create_catalog_engine(postgres_url.replace("postgres@", "postgres:secret@"))
     assert "secret" not in Catalog(engine).url and "***" in Catalog(engine).url
     engine.dispose()
+
+
+def test_postgresql_connections_are_pooled_and_a_dropped_one_is_replaced(
+    postgres_catalog_url: str,
+) -> None:
+    catalog = Catalog.open(postgres_catalog_url, pool_size=3)
+    assert (catalog.engine.pool.size(), catalog.engine.pool._max_overflow) == (3, 3)
+    with catalog.engine.connect() as conn:  # the pool's one connection so far
+        pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+    admin = create_catalog_engine(postgres_catalog_url)
+    with admin.connect() as conn:  # as a server restart or an idle timeout would
+        conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    admin.dispose()
+    assert catalog.count() == 0  # checked before use, replaced: no error reaches a caller
+    catalog.close()
