@@ -32,8 +32,10 @@ logger = logging.getLogger(__name__)
 # with tracemalloc over 10,000 entries on CPython 3.11; rounded up).
 ENTRY_OVERHEAD = 512
 
-# (kind, model id, sha256 digest of the content)
+# (kind, model id, sha256 digest of the content): an entry
 Key = tuple[str, str, bytes]
+# (kind, sha256 digest of the content): an encoding in flight, whatever model answers it
+FlightKey = tuple[str, bytes]
 
 
 def normalize_text(text: str) -> str:
@@ -52,7 +54,7 @@ def normalize_text(text: str) -> str:
 class CachingEmbedder:
     """A QueryEmbedder with a bounded LRU cache of query embeddings in front.
 
-    `max_entries` 0 disables the cache: every query goes to the encoders.
+    `max_entries` (or `max_bytes`) 0 disables the cache: every query goes to the encoders.
     Image products (embed_images) and product-id queries never touch it.
     """
 
@@ -62,11 +64,11 @@ class CachingEmbedder:
         self.inner = inner
         self.max_entries = max_entries
         self.max_bytes = max_bytes
-        # Guards the entries, the calls in flight and the counters; held only for dict
-        # operations, never across an await, so searches on other threads never wait long.
+        # Guards the entries, the calls in flight and the counters, which the metrics
+        # exporter's thread reads too; held only for dict operations, never across an await.
         self._lock = threading.Lock()
         self._entries: OrderedDict[Key, tuple[Embedding, int]] = OrderedDict()
-        self._flights: dict[Key, Future] = {}
+        self._flights: dict[FlightKey, Future] = {}
         self._tasks: set[asyncio.Task] = set()  # encodings in flight, kept from the GC
         self._bytes = 0
         self._hits = 0
@@ -166,7 +168,7 @@ class CachingEmbedder:
         except VpmError as err:
             raise type(err)(err.message) from None  # one exception object per waiter
 
-    def _join(self, flight_key: tuple[str, bytes]) -> Future | None:
+    def _join(self, flight_key: FlightKey) -> Future | None:
         """The identical encoding in flight, if any, counted as coalesced (lock held)."""
         flight = self._flights.get(flight_key)
         if flight is not None:
@@ -176,7 +178,7 @@ class CachingEmbedder:
 
     async def _fill(
         self,
-        flight_key: tuple[str, bytes],
+        flight_key: FlightKey,
         flight: Future,
         encode: Callable[[], Awaitable[Embedding]],
     ) -> None:
@@ -204,7 +206,7 @@ class CachingEmbedder:
 
     def _land(
         self,
-        flight_key: tuple[str, bytes],
+        flight_key: FlightKey,
         key: Key | None = None,
         embedding: Embedding | None = None,
         size: int = 0,

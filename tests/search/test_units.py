@@ -1,4 +1,4 @@
-"""Unit tier: vector checks, filter keys and the columnar filter index, the readers-writer lock."""
+"""Unit tier: vector checks, filter keys and the filter index, the readers-writer lock, settings."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import pytest
 from search_service.filters import FilterIndex, parse_filters
 from search_service.models import Product
 from search_service.rwlock import ReadWriteLock
+from search_service.settings import SearchSettings
 from search_service.vectors import check_model, unit_vector, unit_vectors
 from vpm_common.errors import FailedPrecondition, InvalidArgument
+from vpm_common.settings import SettingsError, load_settings
 
 
 def test_unit_vector_normalizes_in_float32() -> None:
@@ -142,3 +144,19 @@ def test_rwlock_lets_readers_share_and_writers_exclude() -> None:
         thread.join()
     assert max(count for kind, count in events if kind == "r") > 1  # readers overlapped
     assert all(count == 0 for kind, count in events if kind == "w")  # the writer was alone
+
+
+def test_cache_and_catch_up_settings_come_from_flags_or_variables_and_name_the_key() -> None:
+    environ = {"VPM_SEARCH_QUERY_CACHE_SIZE": "0", "VPM_SEARCH_CATCH_UP_INTERVAL_S": "0.25"}
+    settings = load_settings(SearchSettings, "VPM_SEARCH_", ["--catalog-pool-size=3"], environ)
+    assert (settings.query_cache_size, settings.catch_up_interval_s) == (0, 0.25)
+    assert settings.catalog_pool_size == 3 and settings.deletions_retention_days == 7.0
+    for flag, message in [
+        ("--query-cache-size=-1", "--query-cache-size / VPM_SEARCH_QUERY_CACHE_SIZE: must not"),
+        ("--catch-up-interval-s=-1", "--catch-up-interval-s / VPM_SEARCH_CATCH_UP_INTERVAL_S:"),
+        ("--catalog-pool-size=0", "--catalog-pool-size / VPM_SEARCH_CATALOG_POOL_SIZE: must be 1"),
+        ("--deletions-retention-days=-2", "--deletions-retention-days / VPM_SEARCH_DELETIONS"),
+    ]:
+        with pytest.raises(SettingsError) as caught:
+            load_settings(SearchSettings, "VPM_SEARCH_", [flag], {})
+        assert str(caught.value).startswith(message), flag
