@@ -15,7 +15,8 @@ from tests import images
 from tests.security.conftest import Locked, Pki, new_token
 from vpm.v1 import encoder_pb2, encoder_pb2_grpc
 from vpm_common.encoder_pool import EncoderPool
-from vpm_common.security import ClientSecurity, TokenSet
+from vpm_common.guards import TokenSet
+from vpm_common.security import ClientSecurity
 
 INFO = encoder_pb2.GetModelInfoRequest()
 
