@@ -342,16 +342,20 @@ class _Run:
         while True:
             await window.acquire()
             job = await self.queue.get()
+            request_id = str(sequence)
+            sequence += 1
+            # Outstanding from the moment it leaves the queue: if this stream dies
+            # while the file is being read, the job is sent again, not lost.
+            outstanding[request_id] = (job, "")
             try:
                 data, sha256 = await asyncio.to_thread(_read, job.path)
             except OSError as error:
+                del outstanding[request_id]
                 window.release()
                 await self.complete(
                     Outcome(job, None, "", f"cannot read: {error.strerror or error}")
                 )
                 continue
-            request_id = str(sequence)
-            sequence += 1
             outstanding[request_id] = (job, sha256)
             await call.write(encoder_pb2.ImageItem(id=request_id, data=data))
 
