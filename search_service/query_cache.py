@@ -7,6 +7,8 @@ change never serves a stale vector. It is bounded by entries and by bytes,
 evicts the least recently used entry first, and runs one encoder call for
 any number of identical queries that miss at the same time (single-flight).
 Failures are never cached: every query waiting on a failed call gets the error.
+A query that goes away leaves the call to those still waiting; when none is
+left, the call is cancelled, as it would be without the cache.
 """
 
 from __future__ import annotations
@@ -51,6 +53,16 @@ def normalize_text(text: str) -> str:
     return " ".join(unicodedata.normalize("NFC", text).split())
 
 
+class _Flight:
+    """One encoding in flight and how many queries wait for it."""
+
+    def __init__(self) -> None:
+        # A concurrent.futures.Future: a waiter may sit on another thread's event loop.
+        self.result: Future = Future()
+        self.waiters = 1
+        self.task: asyncio.Task | None = None
+
+
 class CachingEmbedder:
     """A QueryEmbedder with a bounded LRU cache of query embeddings in front.
 
@@ -68,8 +80,7 @@ class CachingEmbedder:
         # exporter's thread reads too; held only for dict operations, never across an await.
         self._lock = threading.Lock()
         self._entries: OrderedDict[Key, tuple[Embedding, int]] = OrderedDict()
-        self._flights: dict[FlightKey, Future] = {}
-        self._tasks: set[asyncio.Task] = set()  # encodings in flight, kept from the GC
+        self._flights: dict[FlightKey, _Flight] = {}
         self._bytes = 0
         self._hits = 0
         self._misses = 0
@@ -155,65 +166,80 @@ class CachingEmbedder:
                     return found[0]
                 flight = self._join(flight_key)
                 if flight is None:
-                    flight = self._flights[flight_key] = Future()
+                    flight = self._flights[flight_key] = _Flight()
                     self._misses += 1
                     QUERY_CACHE.misses.labels(kind).inc()
                     # Its own task: a caller that goes away (deadline, cancel) does not
                     # take the encoding away from the others waiting for it.
-                    task = asyncio.ensure_future(self._fill(flight_key, flight, encode))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+                    flight.task = asyncio.ensure_future(self._fill(flight_key, flight, encode))
         try:
-            return await asyncio.shield(asyncio.wrap_future(flight))
+            return await asyncio.shield(asyncio.wrap_future(flight.result))
         except VpmError as err:
             raise type(err)(err.message) from None  # one exception object per waiter
+        finally:
+            self._leave(flight_key, flight)
 
-    def _join(self, flight_key: FlightKey) -> Future | None:
+    def _join(self, flight_key: FlightKey) -> _Flight | None:
         """The identical encoding in flight, if any, counted as coalesced (lock held)."""
         flight = self._flights.get(flight_key)
         if flight is not None:
+            flight.waiters += 1
             self._coalesced += 1
             QUERY_CACHE.coalesced.labels(flight_key[0]).inc()
         return flight
 
+    def _leave(self, flight_key: FlightKey, flight: _Flight) -> None:
+        """One query is done with `flight`; when the last leaves before the result (deadline,
+        cancel), the encoding is cancelled: no work goes on for callers who are gone."""
+        with self._lock:
+            flight.waiters -= 1
+            if flight.waiters > 0 or flight.result.done():
+                return
+            if self._flights.get(flight_key) is flight:
+                del self._flights[flight_key]  # a query arriving now starts afresh
+            task = flight.task
+        if task is not None:
+            task.get_loop().call_soon_threadsafe(task.cancel)
+
     async def _fill(
-        self,
-        flight_key: FlightKey,
-        flight: Future,
-        encode: Callable[[], Awaitable[Embedding]],
+        self, flight_key: FlightKey, flight: _Flight, encode: Callable[[], Awaitable[Embedding]]
     ) -> None:
         """Encode once, store the result (never an error), then wake every waiter."""
         kind, digest = flight_key
         try:
             embedding = await encode()
         except VpmError as err:
-            self._land(flight_key)
-            flight.set_exception(err)
+            self._land(flight_key, flight)
+            flight.result.set_exception(err)
             return
-        except BaseException as err:  # noqa: BLE001 - the waiters must never hang
-            self._land(flight_key)
-            logger.error("query encoding failed: %r", err)
-            flight.set_exception(Unavailable(f"{kind}: the encoding was interrupted; retry"))
-            if isinstance(err, asyncio.CancelledError):
-                raise
+        except asyncio.CancelledError:  # every waiter left, or the loop is closing
+            self._land(flight_key, flight)
+            flight.result.set_exception(Unavailable(f"{kind}: the encoding was cancelled; retry"))
+            raise
+        except Exception as err:  # noqa: BLE001 - the waiters must never hang
+            self._land(flight_key, flight)
+            logger.exception("query encoding failed")
+            flight.result.set_exception(Unavailable(f"{kind}: the encoding failed ({err!r})"))
             return
         embedding.vector.flags.writeable = False  # shared by every hit from now on
         size = embedding.vector.nbytes + len(embedding.model_id) + ENTRY_OVERHEAD
         # Stored under the model that answered: the key's, unless the encoder changed
         # between the lookup and the call.
-        self._land(flight_key, (kind, embedding.model_id, digest), embedding, size)
-        flight.set_result(embedding)
+        self._land(flight_key, flight, (kind, embedding.model_id, digest), embedding, size)
+        flight.result.set_result(embedding)
 
     def _land(
         self,
         flight_key: FlightKey,
+        flight: _Flight,
         key: Key | None = None,
         embedding: Embedding | None = None,
         size: int = 0,
     ) -> None:
         """End a flight and store its result in the same step, so no query sees neither."""
         with self._lock:
-            del self._flights[flight_key]
+            if self._flights.get(flight_key) is flight:
+                del self._flights[flight_key]
             if key is not None and embedding is not None and size <= self.max_bytes:
                 self._put(key, embedding, size)
 

@@ -235,6 +235,42 @@ def test_a_caller_that_goes_away_leaves_the_encoding_to_the_others(
     assert calls == 1 and stats.entries == 1
 
 
+def test_when_every_caller_has_gone_the_encoding_is_dropped(
+    make_encoder: Callable[..., tuple[ServerThread, Any]],
+) -> None:
+    # An encoder slow to start a batch, so the callers leave while the image waits in it.
+    server, app = make_encoder(max_batch=8, max_delay_ms=1500.0)
+    metrics = app.engine.metrics
+
+    def dropped() -> float:
+        return sum(
+            metrics.registry.get_sample_value(
+                "vpm_encoder_dropped_total", {"kind": "image", "reason": reason}
+            )
+            or 0.0
+            for reason in ("cancelled", "deadline")
+        )
+
+    async def work(cache: CachingEmbedder, _uncached, pool: CountingPool):
+        await cache.embed_text("warm-up")
+        encoded = images_encoded(app)
+        callers = [asyncio.ensure_future(cache.embed_image(jpeg(12))) for _ in range(3)]
+        done, _ = await asyncio.wait(callers, timeout=0.3)
+        assert not done  # all three still wait for the one call
+        for caller in callers:
+            caller.cancel()
+        await asyncio.gather(*callers, return_exceptions=True)
+        while dropped() < 1:  # the encoder drops the image when its batch comes up
+            await asyncio.sleep(0.05)
+        flights, encoded_after = len(cache._flights), images_encoded(app)
+        again = await cache.embed_image(jpeg(12))  # nothing was left behind: a fresh miss
+        return encoded, encoded_after, flights, again, pool.image_calls
+
+    encoded, encoded_after, flights, again, calls = with_cache(server.target, work)
+    assert dropped() == 1 and encoded_after == encoded  # the abandoned image never ran
+    assert flights == 0 and calls == 2 and again.model_id == "VPM-Tiny/random-seed0"
+
+
 def test_size_zero_disables_the_cache(real_encoder: ServerThread) -> None:
     async def work(cache: CachingEmbedder, _uncached, pool: CountingPool):
         for _ in range(3):
