@@ -123,7 +123,7 @@ def test_search_keeps_answering_image_queries_on_the_encoder_left_and_returns_to
     first = Encoder(tmp_path, model_cache, "first").start()
     second = Encoder(tmp_path, model_cache, "second").start()
     search_port = free_port()
-    # The same picture every time: only with the query cache off does each reach an encoder.
+    # The query cache off, and a new picture each time: every query must reach an encoder.
     search = start_search_process(
         search_port, tmp_path / "search", [first.target, second.target], "--query-cache-size", "0"
     )
@@ -131,7 +131,6 @@ def test_search_keeps_answering_image_queries_on_the_encoder_left_and_returns_to
     seeds = iter(range(10_000))
 
     def query() -> None:
-        # A new picture each time: the query cache must not answer in the encoders' place.
         picture = images.jpeg(64, 64, seed=next(seeds))
         stub.Search(search_pb2.SearchRequest(image=picture, top_k=1), timeout=10)
 

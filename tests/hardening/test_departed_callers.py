@@ -1,0 +1,67 @@
+"""No work continues for a caller that left: measured in the encoder's own metrics."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests import images
+from tests.support import free_port, start_search_process
+from vpm.v1 import encoder_pb2, encoder_pb2_grpc, search_pb2, search_pb2_grpc
+
+
+def counter(metric, *labels: str) -> float:
+    return metric.labels(*labels)._value.get()
+
+
+def wait_for(condition, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_a_cancelled_stream_stops_costing_inference(make_encoder) -> None:
+    thread, app = make_encoder(max_batch=2, max_delay_ms=200.0)
+    metrics = app.engine.metrics
+    stub = encoder_pb2_grpc.EncoderStub(grpc.insecure_channel(thread.target))
+    requests = [
+        encoder_pb2.ImageItem(id=str(i), data=images.jpeg(64, 64, seed=i)) for i in range(40)
+    ]
+    call = stub.EncodeImages(iter(requests), timeout=60)
+    next(call)  # one answer, then the client leaves
+    call.cancel()
+    wait_for(lambda: app.engine.in_flight() == 0)
+    encoded = counter(metrics.items, "image")
+    dropped = counter(metrics.dropped_items, "image", "cancelled")
+    assert encoded < 40 and dropped >= 1, (encoded, dropped)
+    time.sleep(0.5)
+    assert counter(metrics.items, "image") == encoded  # nothing more ran after the cancel
+
+
+@pytest.mark.slow
+def test_a_search_whose_caller_left_does_not_cost_an_encoding(make_encoder, tmp_path: Path) -> None:
+    thread, app = make_encoder(max_batch=8, max_delay_ms=1500.0)  # an encoder slow to start a batch
+    metrics = app.engine.metrics
+    port = free_port()
+    search = start_search_process(port, tmp_path / "search", [thread.target])
+    try:
+        stub = search_pb2_grpc.SearchStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        stub.Search(search_pb2.SearchRequest(image=images.jpeg(64, 64, seed=4)), timeout=30)
+        encoded = counter(metrics.items, "image")  # the path is warm: 1 image so far
+
+        def gone() -> float:
+            return sum(
+                counter(metrics.dropped_items, "image", why) for why in ("cancelled", "deadline")
+            )
+
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Search(search_pb2.SearchRequest(image=images.jpeg(64, 64, seed=5)), timeout=0.5)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_for(lambda: gone() == 1)  # dropped when its batch came up, never run
+        assert app.engine.in_flight() == 0 and counter(metrics.items, "image") == encoded
+    finally:
+        search.stop()
