@@ -13,6 +13,7 @@ import numpy as np
 
 from search_service.models import EncoderState
 from search_service.vectors import unit_vector
+from vpm_common.deadlines import capped
 from vpm_common.encoder_pool import EncoderPool
 from vpm_common.errors import (
     STATUS_CODES,
@@ -49,13 +50,13 @@ class QueryEmbedder:
     async def model_id(self, field: str = "model_id") -> str:
         """The encoders' model (for products sent with a vector but no model_id)."""
         pool = self._require(field)
-        info = await _prefixed(field, pool.model_info(self.timeout_s))
+        info = await _prefixed(field, pool.model_info(capped(self.timeout_s)))
         return info.model_id
 
     async def next_model_id(self, field: str = "model_id") -> str:
         """The model of the encoder the next call goes to, without taking its turn (cache keys)."""
         pool = self._require(field)
-        info = await _prefixed(field, pool.next_model_info(self.timeout_s))
+        info = await _prefixed(field, pool.next_model_info(capped(self.timeout_s)))
         return info.model_id
 
     async def embed_image(self, data: bytes, field: str = "image") -> Embedding:
@@ -67,7 +68,7 @@ class QueryEmbedder:
 
     async def embed_text(self, text: str, field: str = "text") -> Embedding:
         pool = self._require(field)
-        [item] = await _prefixed(field, pool.encode_texts([text], self.timeout_s))
+        [item] = await _prefixed(field, pool.encode_texts([text], capped(self.timeout_s)))
         outcome = _outcome(item.vector, item.model_id, item.code, item.message, field)
         if isinstance(outcome, VpmError):
             raise outcome
@@ -78,7 +79,7 @@ class QueryEmbedder:
     ) -> list[Embedding | VpmError]:
         """One Embedding, or the error that item met, per (id, image bytes), in order."""
         pool = self._require(field)
-        results = await _prefixed(field, pool.encode_images(items, self.timeout_s))
+        results = await _prefixed(field, pool.encode_images(items, capped(self.timeout_s)))
         return [_outcome(r.vector, r.model_id, r.code, r.message, field) for r in results]
 
     async def states(self) -> list[EncoderState]:

@@ -13,6 +13,7 @@ from search_service.engine import SearchEngine
 from search_service.metrics import PRODUCTS, QUERY_CACHE, UPSERTED, observed
 from search_service.settings import SearchSettings
 from vpm.v1 import search_pb2, search_pb2_grpc
+from vpm_common.deadlines import caller_deadline
 from vpm_common.rpc import rpc_boundary
 from vpm_common.serving import add_health_and_reflection, listen, new_server, set_serving
 
@@ -28,7 +29,8 @@ class SearchServicer(search_pb2_grpc.SearchServicer):
     async def Search(
         self, request: search_pb2.SearchRequest, context: aio.ServicerContext
     ) -> search_pb2.SearchResponse:
-        result = await self.engine.search(convert.search_query(request))
+        with caller_deadline(context):  # encoder calls get no more time than our caller
+            result = await self.engine.search(convert.search_query(request))
         return convert.search_response(result)
 
     @observed
@@ -36,7 +38,8 @@ class SearchServicer(search_pb2_grpc.SearchServicer):
     async def UpsertProducts(
         self, request_iterator: AsyncIterator[search_pb2.Product], context: aio.ServicerContext
     ) -> search_pb2.UpsertSummary:
-        summary = await self.engine.upsert(convert.upsert_items(request_iterator))
+        with caller_deadline(context):
+            summary = await self.engine.upsert(convert.upsert_items(request_iterator))
         for outcome in ("inserted", "updated", "unchanged", "failed"):
             UPSERTED.labels(outcome).inc(getattr(summary, outcome))
         return convert.upsert_summary(summary)

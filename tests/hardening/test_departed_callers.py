@@ -65,3 +65,32 @@ def test_a_search_whose_caller_left_does_not_cost_an_encoding(make_encoder, tmp_
         assert app.engine.in_flight() == 0 and counter(metrics.items, "image") == encoded
     finally:
         search.stop()
+
+
+@pytest.mark.slow
+def test_a_search_the_encoder_cannot_serve_in_time_is_shed_not_timed_out(
+    make_encoder, tmp_path: Path
+) -> None:
+    """The caller's deadline travels with the encoder call, so a busy encoder refuses at once."""
+    from encoder_service.batcher import Caller
+
+    thread, app = make_encoder(max_batch=8, max_delay_ms=3000.0)
+    port = free_port()
+    search = start_search_process(
+        port, tmp_path / "search", [thread.target], "--query-cache-size", "0"
+    )
+    try:
+        stub = search_pb2_grpc.SearchStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        stub.Search(search_pb2.SearchRequest(image=images.jpeg(64, 64, seed=1)), timeout=30)
+        for _ in range(60):  # as if every item had cost 2 s lately
+            app.engine.metrics.observe_item_cost(2.0)
+        waiting = app.engine.submit_image(images.jpeg(64, 64, seed=2), Caller())  # queued ahead
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Search(search_pb2.SearchRequest(image=images.jpeg(64, 64, seed=3)), timeout=1.5)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value.details()
+        assert "retry" in caught.value.details()
+        assert time.monotonic() - started < 1.0  # refused at once, not after the deadline
+        waiting.result(30)
+    finally:
+        search.stop()
