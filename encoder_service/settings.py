@@ -6,14 +6,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vpm_common.cpus import available_cpus
-from vpm_common.security import ServerSecurity, check_tls_settings, check_token_settings
+from vpm_common.server_settings import ServerGuards
 from vpm_common.settings import check, setting
 
 ENV_PREFIX = "VPM_ENCODER_"
 
 
 @dataclass(frozen=True)
-class EncoderSettings:
+class EncoderSettings(ServerGuards):
     host: str = setting("0.0.0.0", "interface to listen on")
     port: int = setting(50051, "gRPC port (0 picks a free one)")
     model: str = setting("ViT-B-32", "open_clip architecture (VPM-Tiny: a tiny one for tests)")
@@ -65,29 +65,6 @@ class EncoderSettings:
         "close each client connection after this long (running calls get 60 s more), so "
         "clients resolve DNS again and reach replicas added since; 0: never",
     )
-    tls_cert: Path | None = setting(
-        None, "PEM certificate (chain) of this server: serve TLS only (with --tls-key)"
-    )
-    tls_key: Path | None = setting(None, "PEM private key of --tls-cert, unencrypted")
-    tls_client_ca: Path | None = setting(
-        None, "PEM CA: clients must show a certificate it signed (mutual TLS)"
-    )
-    auth_token: str = setting(
-        "",
-        "bearer token clients must send (authorization: Bearer ...), health checks excepted; "
-        "set the variable: a flag shows in the process list",
-    )
-    auth_token_file: Path | None = setting(
-        None,
-        "file of accepted bearer tokens, one per line; re-read when it changes, so tokens "
-        "rotate without a restart",
-    )
-    max_concurrent_rpcs: int = setting(
-        1000, "calls in flight before new ones get RESOURCE_EXHAUSTED (health checks excepted)"
-    )
-    max_streams_per_connection: int = setting(
-        256, "calls one client connection may hold open at once; more wait in the client"
-    )
     metrics_port: int = setting(9151, "Prometheus metrics port (0: off)")
     grace_s: float = setting(10.0, "on SIGTERM, how long running calls may take to finish")
     log_level: str = setting("INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -119,19 +96,7 @@ class EncoderSettings:
         check(self.max_text_bytes > 0, "max_text_bytes", "must be positive")
         check(self.grace_s >= 0, "grace_s", "must be >= 0")
         check(self.max_connection_age_s >= 0, "max_connection_age_s", "must be >= 0")
-        check(self.max_concurrent_rpcs >= 0, "max_concurrent_rpcs", "must be >= 0 (0: no cap)")
-        check(
-            self.max_streams_per_connection >= 0,
-            "max_streams_per_connection",
-            "must be >= 0 (0: no limit)",
-        )
-        check_tls_settings(self, "tls_cert", "tls_key", "tls_client_ca", server=True)
-        check_token_settings(self, "auth_token", "auth_token_file", server=True)
-
-    def security(self) -> ServerSecurity:
-        return ServerSecurity(
-            self.tls_cert, self.tls_key, self.tls_client_ca, self.auth_token, self.auth_token_file
-        )
+        self.check_guards()
 
     def batch_size_for(self, device: str) -> int:
         if self.max_batch:

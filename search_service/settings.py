@@ -9,10 +9,10 @@ from pathlib import Path
 
 from vpm_common.security import (
     ClientSecurity,
-    ServerSecurity,
     check_tls_settings,
     check_token_settings,
 )
+from vpm_common.server_settings import ServerGuards
 from vpm_common.settings import check, setting
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -21,7 +21,7 @@ _TARGET = re.compile(r"^([a-z][a-z0-9+.-]*:.+|\[[0-9a-fA-F:.]+\]:\d+|[^\s:/\[\]]
 
 
 @dataclass(frozen=True)
-class SearchSettings:
+class SearchSettings(ServerGuards):
     host: str = setting("[::]", "address to listen on")
     port: int = setting(50052, "gRPC port (0 picks a free one)")
     catalog_url: str = setting(
@@ -97,29 +97,6 @@ class SearchSettings:
         min(2, os.cpu_count() or 1),
         "threads one exact (Flat) search scans with: the float16 copy is split in as many shards",
     )
-    tls_cert: Path | None = setting(
-        None, "PEM certificate (chain) of this server: serve TLS only (with --tls-key)"
-    )
-    tls_key: Path | None = setting(None, "PEM private key of --tls-cert, unencrypted")
-    tls_client_ca: Path | None = setting(
-        None, "PEM CA: clients must show a certificate it signed (mutual TLS)"
-    )
-    auth_token: str = setting(
-        "",
-        "bearer token clients must send (authorization: Bearer ...), health checks excepted; "
-        "set the variable: a flag shows in the process list",
-    )
-    auth_token_file: Path | None = setting(
-        None,
-        "file of accepted bearer tokens, one per line; re-read when it changes, so tokens "
-        "rotate without a restart",
-    )
-    max_concurrent_rpcs: int = setting(
-        1000, "calls in flight before new ones get RESOURCE_EXHAUSTED (health checks excepted)"
-    )
-    max_streams_per_connection: int = setting(
-        256, "calls one client connection may hold open at once; more wait in the client"
-    )
     metrics_port: int = setting(9152, "Prometheus metrics HTTP port (0 disables)")
     max_message_bytes: int = setting(64 * 1024 * 1024, "largest gRPC message, in bytes")
     grace_s: float = setting(10.0, "seconds running calls get to finish at shutdown")
@@ -164,20 +141,7 @@ class SearchSettings:
         check(1 <= self.scan_threads <= 64, "scan_threads", "must be 1 to 64")
         check(self.max_message_bytes >= 1024, "max_message_bytes", "must be at least 1024")
         check(self.grace_s >= 0, "grace_s", "must not be negative")
-        check(self.max_concurrent_rpcs >= 0, "max_concurrent_rpcs", "must not be negative")
-        check(
-            self.max_streams_per_connection >= 0,
-            "max_streams_per_connection",
-            "must not be negative",
-        )
-        check_tls_settings(self, "tls_cert", "tls_key", "tls_client_ca", server=True)
-        check_token_settings(self, "auth_token", "auth_token_file", server=True)
-
-    def security(self) -> ServerSecurity:
-        """How this server takes calls: TLS files and accepted tokens."""
-        return ServerSecurity(
-            self.tls_cert, self.tls_key, self.tls_client_ca, self.auth_token, self.auth_token_file
-        )
+        self.check_guards()
 
     def encoder_security(self) -> ClientSecurity:
         """How this service reaches its encoders (reads the files: call once, at start)."""
