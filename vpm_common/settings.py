@@ -38,6 +38,14 @@ def setting(
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def ordered_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields a settings class declares itself, then those it inherits (shared guards):
+    dataclasses put inherited fields first, which would lead --help with the least asked."""
+    own = set(cls.__dict__.get("__annotations__", {}))
+    fields = dataclasses.fields(cls)
+    return [f for f in fields if f.name in own] + [f for f in fields if f.name not in own]
+
+
 def flag_name(field: dataclasses.Field) -> str:
     return "--" + field.name.replace("_", "-")
 
@@ -105,7 +113,7 @@ def load_settings(
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     values: dict[str, Any] = {}
-    for field in dataclasses.fields(cls):
+    for field in ordered_fields(cls):
         parse, what = _parser_for(hints[field.name])
         env = env_name(field, prefix)
         if env in environ:
@@ -178,7 +186,7 @@ def check(condition: bool, field_name: str, message: str) -> None:
 def markdown_table(cls: type, prefix: str) -> str:
     """The settings of `cls` as a Markdown table (flag, environment variable, default, meaning)."""
     lines = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
-    for field in dataclasses.fields(cls):
+    for field in ordered_fields(cls):
         default = field.default
         if isinstance(default, tuple):
             default = ",".join(default)
