@@ -32,7 +32,8 @@ from tests.support import ROOT, ServiceProcess, free_port
 from vpm.v1 import search_pb2, search_pb2_grpc
 
 MODEL = os.environ.get("VPM_BENCH_MODEL", "ViT-B-32")
-IMAGES = int(os.environ.get("VPM_BENCH_INDEX_IMAGES", "96"))
+# Enough images that the indexer's own start (imports, plan, catalog listing) is amortized.
+IMAGES = int(os.environ.get("VPM_BENCH_INDEX_IMAGES", "240"))
 CACHE = Path(os.environ.get("VPM_BENCH_CACHE", Path.home() / ".cache" / "vpm"))
 
 
