@@ -10,12 +10,14 @@ deadlines expiring and memory growing.
 
 Environment: VPM_LOAD_SECONDS (per phase, default 15), VPM_LOAD_PRODUCTS
 (default 10000), VPM_LOAD_MODEL (default ViT-B-32), VPM_LOAD_LEVELS
-(concurrencies, default 1,4,16), VPM_LOAD_OVERLOAD (default 128).
+(concurrencies, default 1,4,16), VPM_LOAD_OVERLOAD (default 128),
+VPM_LOAD_REPEATED (share of image/text queries from a popular set, default 0.5).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 import tempfile
@@ -38,6 +40,10 @@ PRODUCTS = int(os.environ.get("VPM_LOAD_PRODUCTS", "10000"))
 MODEL = os.environ.get("VPM_LOAD_MODEL", "ViT-B-32")
 LEVELS = [int(n) for n in os.environ.get("VPM_LOAD_LEVELS", "1,4,16").split(",")]
 OVERLOAD = int(os.environ.get("VPM_LOAD_OVERLOAD", "128"))
+# The share of image and text queries repeated from a small popular set (the query cache
+# answers those); the rest are new to the service and cost a model pass.
+REPEATED = float(os.environ.get("VPM_LOAD_REPEATED", "0.5"))
+FRESH = itertools.count(20)  # pictures 20.. are each sent once, across all levels (1000 made)
 DEADLINE_S = 5.0
 MIX = (("product_id", 0.7), ("image", 0.2), ("text", 0.1))
 TEXTS = ("white sneakers", "red summer dress", "leather handbag", "navy blue jeans", "black watch")
@@ -86,9 +92,17 @@ async def phase(
                     product_id=f"p{rng.randrange(PRODUCTS)}", top_k=10
                 )
             elif kind == "image":
-                request = search_pb2.SearchRequest(image=rng.choice(pictures), top_k=10)
+                # Half popular pictures (the query cache answers them), half never seen.
+                popular = rng.random() < REPEATED
+                picture = (
+                    rng.choice(pictures[:20]) if popular else pictures[next(FRESH) % len(pictures)]
+                )
+                request = search_pb2.SearchRequest(image=picture, top_k=10)
             else:
-                request = search_pb2.SearchRequest(text=rng.choice(TEXTS), top_k=10)
+                text = rng.choice(TEXTS)
+                if rng.random() >= REPEATED:
+                    text += f" size {rng.randrange(10**6)}"
+                request = search_pb2.SearchRequest(text=text, top_k=10)
             started = time.monotonic()
             try:
                 await stub.Search(request, timeout=DEADLINE_S)
@@ -154,7 +168,7 @@ def run() -> dict[str, Any]:
             search.wait_serving(target, "vpm.v1.Search")
             info = asyncio.run(model_of(f"127.0.0.1:{encoder_port}"))
             asyncio.run(populate(target, info.model_id, info.dim))
-            pictures = [images.jpeg(640, 480, seed=i) for i in range(20)]
+            pictures = [images.jpeg(640, 480, seed=i) for i in range(1000)]
             rss_before = {
                 "search": rss_mb(search.process.pid),
                 "encoder": rss_mb(encoder.process.pid),

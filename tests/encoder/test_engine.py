@@ -97,7 +97,7 @@ def test_work_that_would_outlive_its_deadline_is_shed_at_once(tiny_settings) -> 
     try:
         for _ in range(60):  # as if each item had taken a second for a while
             engine.metrics.observe_item_cost(1.0)
-        soon = time.monotonic() + 1.5
+        soon = time.monotonic() + 3.0
         first = engine.submit_image(images.jpeg(seed=6), Caller(deadline=soon))  # nothing ahead
         with pytest.raises(ResourceExhausted, match=r"about 2.0 s of work is queued"):
             engine.submit_image(images.jpeg(seed=7), Caller(deadline=soon))
