@@ -137,6 +137,8 @@ class EncoderEngine:
 
     def _decode(self, data: bytes, caller: Caller) -> Any:
         if caller.gone:
+            # Counted like the batcher's drops, so the metrics show every item a caller left.
+            self.metrics.dropped("image", "cancelled")
             raise Cancelled("the caller cancelled")
         if self._device_images is not None:
             return self._device_images.admit(data)
