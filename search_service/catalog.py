@@ -282,7 +282,7 @@ class Catalog:
                 except FailedPrecondition as err:
                     outcomes.append(Outcome("failed", error=err))
                     continue
-                row = _row(product, vector, state.version)
+                row = row_values(product, vector, state.version)
                 old = existing.get(product.id)
                 if old is None:
                     inserts.append((next_key, *row))
@@ -431,15 +431,16 @@ def _executemany(
     conn.exec_driver_sql(compiled.string, rows)
 
 
-# A product row's values, in table order after row_key (see _row).
+# A product row's columns in table order after row_key (see row_values).
 ROW_COLUMNS = [column.name for column in products.c if column.name != "row_key"]
-_CONTENT = slice(1, 1 + len(CONTENT_COLUMNS))  # name ... model_id, within a _row tuple
+_CONTENT = slice(1, 1 + len(CONTENT_COLUMNS))  # name ... model_id, within a row_values tuple
 _OLD_CONTENT = slice(2, 2 + len(CONTENT_COLUMNS))  # the same within a selected products row
 _VECTOR = ROW_COLUMNS.index("vector")
-assert ROW_COLUMNS[_CONTENT] == list(CONTENT_COLUMNS), "products columns moved: update _row"
+assert ROW_COLUMNS[_CONTENT] == list(CONTENT_COLUMNS), "products columns moved: update row_values"
 
 
-def _row(product: Product, vector: np.ndarray, version: int) -> tuple:
+def row_values(product: Product, vector: np.ndarray, version: int) -> tuple:
+    """A product row's values in ROW_COLUMNS order, as the driver takes them."""
     attributes = product.attributes
     return (
         product.id,
