@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from encoder_service.batcher import BatchQueue, Caller, DynamicBatcher
+from encoder_service.cpu_transform import cpu_transform
 from encoder_service.cuda_graphs import batch_buckets
 from encoder_service.images import ImageLimits, ImagePreprocessor
 from encoder_service.metrics import EncoderMetrics
@@ -80,7 +81,7 @@ class EncoderEngine:
         self.config = config
         self.metrics = metrics or EncoderMetrics()
         self.runtime = runtime
-        self._preprocess = ImagePreprocessor(loaded.preprocess, config.limits)
+        self._preprocess = ImagePreprocessor(cpu_transform(loaded.preprocess), config.limits)
         self._tokenizer = loaded.tokenizer
         self._image_size = loaded.image_size
         self.description = ModelDescription(
@@ -99,7 +100,9 @@ class EncoderEngine:
         )
         self._device_images = self._device_path(loaded) if config.device_decode else None
         run_images = self._run_images if self._device_images is None else self._device_images.run
-        self._workers = ThreadPoolExecutor(config.workers, thread_name_prefix="decode")
+        self._workers = ThreadPoolExecutor(
+            config.workers, thread_name_prefix="decode", initializer=_one_torch_thread
+        )
         self._batcher = DynamicBatcher(
             [BatchQueue("image", run_images), BatchQueue("text", self._run_texts)],
             max_batch=config.max_batch,
@@ -290,6 +293,17 @@ def _unit_rows(features: np.ndarray) -> np.ndarray:
     features = np.asarray(features, dtype=np.float32)
     norms = np.linalg.norm(features, axis=1, keepdims=True)
     return features / np.maximum(norms, np.float32(1e-12))
+
+
+def _one_torch_thread() -> None:
+    """Keep a decode thread's tensor work on its own core (the setting is per thread).
+
+    Its resize is too small to gain from more, and extra OpenMP threads would wait
+    on the cores inference needs.
+    """
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def _settle(future: Future, result: Any = None, error: BaseException | None = None) -> None:

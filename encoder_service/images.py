@@ -1,9 +1,10 @@
 """Image bytes to model input: decode within limits, EXIF orientation, open_clip's preprocess.
 
 Images are taken as a viewer shows them (EXIF orientation first) and then
-preprocessed by the model's own open_clip transform, unchanged, so vectors
-agree with open_clip's reference pipeline. Every way an input can be bad ends
-in InvalidArgument with a message a client can act on.
+preprocessed by the model's open_clip transform (for RGB images, its tensor
+form in encoder_service.cpu_transform), so vectors agree with open_clip's
+reference pipeline. Every way an input can be bad ends in InvalidArgument
+with a message a client can act on.
 """
 
 from __future__ import annotations

@@ -112,6 +112,7 @@ def test_service_vectors_match_open_clip_reference(runtime: str, reference, tiny
             assert not replies[key].HasField("error"), (key, replies[key].error.message)
             cosines[key] = float(np.dot(np.array(replies[key].vector, dtype=np.float32), vector))
         worst = min(cosines, key=cosines.get)
+        print(f"{runtime}: {len(cosines)} images, lowest cosine {cosines[worst]:.6f} ({worst})")
         assert cosines[worst] >= MIN_COSINE, (
             f"{runtime}: {worst} cosine {cosines[worst]:.6f}; all {cosines}"
         )
