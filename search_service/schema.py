@@ -33,8 +33,8 @@ catalog_state = sa.Table(
     sa.Column("pruned_version", sa.BigInteger, nullable=False, server_default="0"),
 )
 
-# Columns a search can filter on: indexed for SQL readers such as reports and
-# the indexer's pruning (the service itself filters in memory).
+# Columns a search can filter on: indexed for SQL readers such as reports (the
+# service itself filters in memory, and the indexer lists ids through ListProducts).
 FILTERABLE = (
     "gender",
     "master_category",
