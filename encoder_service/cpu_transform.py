@@ -41,8 +41,8 @@ class RgbTensorTransform:
         if image.mode != "RGB":
             return self._preprocess(image)
         transform = self._transform
-        # (1, 3, H, W) over the (H, W, 3) bytes: the channels-last layout torch's
-        # uint8 resize kernel works in, without a copy.
+        # (1, 3, H, W) as a view of the (H, W, 3) array: the channels-last layout
+        # torch's uint8 resize kernel works in.
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)
         height, width = pixels.shape[-2:]
         new_h, new_w = resized_size(height, width, transform.resize)
