@@ -5,7 +5,7 @@ ingest    42,700 products with 512-d vectors supplied, into catalog (SQLite) + i
           beside the original prototype's way (one INSERT and one COMMIT per product,
           one index add per product), measured on a subset and extrapolated, and
           the ceiling: SQLite alone writing the same rows into the same schema
-          (executemany per 5,000-row transaction, no index, no checks), with and
+          (executemany per 5,000-row transaction, no FAISS, no checks), with and
           without the catalog's 9 filter-column indexes
 latency   Search by vector and by product id over those 42,700 products through the
           real service process at concurrency 1, 8 and 32 (exact Flat index)
