@@ -15,7 +15,7 @@ import os
 import random
 import tempfile
 import time
-import uuid
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from bench.common import median, percentile, record, table
+from search_service.catalog import scratch_database
 from tests.support import ServiceProcess, free_port
 from vpm.v1 import search_pb2, search_pb2_grpc
 
@@ -116,26 +117,14 @@ def measure(url: str, work: Path) -> dict[str, Any]:
 
 
 def run() -> dict[str, Any]:
-    name = f"vpm_bench_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(f"{POSTGRES}/postgres", isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    except sa.exc.OperationalError as err:
-        admin.dispose()
-        print(f"skipped: PostgreSQL at {POSTGRES} is unreachable ({err.orig})")
-        return {}
-    try:
-        with tempfile.TemporaryDirectory(prefix="vpm-shared-bench-") as tmp:
-            figures = {
-                "rounds": ROUNDS,
-                "batch": BATCH,
-                "delays": measure(f"{POSTGRES}/{name}", Path(tmp)),
-            }
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+    with ExitStack() as stack:
+        try:
+            url = stack.enter_context(scratch_database(f"{POSTGRES}/postgres", "vpm_bench"))
+        except sa.exc.OperationalError as err:
+            print(f"skipped: PostgreSQL at {POSTGRES} is unreachable ({err.orig})")
+            return {}
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="vpm-shared-bench-"))
+        figures = {"rounds": ROUNDS, "batch": BATCH, "delays": measure(url, Path(tmp))}
     print_tables(figures)
     record("shared_catalog", figures)
     return figures

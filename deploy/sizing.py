@@ -22,7 +22,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -180,20 +179,11 @@ def _in_fresh_process(*args: str) -> dict:
 
 
 def _postgres(admin_url: str, count: int) -> float:
-    import sqlalchemy as sa
+    from search_service.catalog import scratch_database
 
-    name = f"vpm_sizing_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    url = admin_url.rsplit("/", 1)[0] + f"/{name}"
-    try:
+    with scratch_database(admin_url, "vpm_sizing") as url:
         fill(url, count)
         return postgres_bytes(url) / count
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
 
 
 if __name__ == "__main__":

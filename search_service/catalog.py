@@ -12,7 +12,9 @@ import functools
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -123,6 +125,29 @@ def create_catalog_engine(
 
 def display_url(url: sa.URL) -> str:
     return url.render_as_string(hide_password=True)
+
+
+@contextmanager
+def scratch_database(admin_url: str, prefix: str) -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL database named `prefix`_<random>, dropped on exit.
+
+    `admin_url` names a database on the same server to issue CREATE and DROP
+    DATABASE from; for tests, benchmarks and the sizing tool. A server that
+    cannot be reached raises sqlalchemy's OperationalError from the `with`.
+    """
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        try:
+            url = sa.make_url(admin_url).set(database=name)
+            yield url.render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        admin.dispose()
 
 
 def _guarded(method: Callable[..., T]) -> Callable[..., T]:

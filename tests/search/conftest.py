@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from search_service.catalog import Catalog
+from search_service.catalog import Catalog, scratch_database
 from search_service.embedder import QueryEmbedder
 from search_service.engine import SearchEngine
 from search_service.models import Product
@@ -33,23 +33,17 @@ COLOURS = ("Black", "White", "Blue", "Red", "Green", "Navy Blue", "Grey", "Brown
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A database of this session's own on the machine's PostgreSQL; dropped afterwards."""
-    name = f"vpm_search_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(f"{POSTGRES}/test", isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    except sa.exc.OperationalError as err:
-        admin.dispose()
-        pytest.fail(
-            f"PostgreSQL at 127.0.0.1:5432 (user postgres, database test) is unreachable: "
-            f"{err.orig}. The catalog suite runs on PostgreSQL too; start the server "
-            "(.ci/run does) and run again.",
-            pytrace=False,
-        )
-    yield f"{POSTGRES}/{name}"
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.dispose()
+    with ExitStack() as stack:
+        try:
+            url = stack.enter_context(scratch_database(f"{POSTGRES}/test", "vpm_search_test"))
+        except sa.exc.OperationalError as err:
+            pytest.fail(
+                f"PostgreSQL at 127.0.0.1:5432 (user postgres, database test) is unreachable: "
+                f"{err.orig}. The catalog suite runs on PostgreSQL too; start the server "
+                "(.ci/run does) and run again.",
+                pytrace=False,
+            )
+        yield url
 
 
 def _empty_postgres(url: str) -> None:
