@@ -82,7 +82,7 @@ def ingest_domain(folder: Path, products: list, vectors: np.ndarray, sync: str) 
     """Products/s of SearchEngine.upsert_products into a fresh SQLite catalog and Flat index."""
     engine = SearchEngine(Catalog.open(f"sqlite:///{folder}/domain-{sync}.db", sync), folder)
     engine.load()
-    seconds, summary = timed(lambda: engine.upsert_products(zip(products, vectors, strict=True)))
+    seconds, summary = timed(lambda: engine.upsert_products(products, vectors))
     assert summary.inserted == len(products), summary
     engine.catalog.close()
     return len(products) / seconds
@@ -132,7 +132,7 @@ def ingest_sqlite_alone(
         for column in FILTERABLE:
             connection.execute(f"DROP INDEX ix_products_{column}")
     rows = [
-        (key, *row_values(product, vector, 1 + key // 5000))
+        (key, *row_values(product, vector), 1 + key // 5000)
         for key, (product, vector) in enumerate(zip(products, vectors, strict=True))
     ]
     marks = ", ".join("?" * (1 + len(ROW_COLUMNS)))

@@ -9,15 +9,16 @@ version, so an index can catch up with `changes_since(version)`.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import sqlalchemy as sa
@@ -36,6 +37,8 @@ CONTENT_COLUMNS = (*METADATA_FIELDS, "attributes", "image_sha256", "model_id")
 # Rows per IN (...) lookup and per page of a scan: well under every driver's limits.
 LOOKUP_CHUNK = 500
 PAGE_SIZE = 5000
+# Bound parameters per SQLite statement: SQLITE_MAX_VARIABLE_NUMBER's default since 3.32.
+SQLITE_VALUES = 32766
 
 
 # (key, product, vector or None): one product as the catalog stores it.
@@ -52,8 +55,7 @@ class CatalogState:
     pruned_version: int = 0
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):
     """What one upserted product became: "inserted", "updated", "unchanged" or "failed"."""
 
     kind: str
@@ -62,12 +64,29 @@ class Outcome:
     error: FailedPrecondition | None = None
 
 
+class Rows:
+    """(product, unit vector) pairs with distinct ids and their catalog rows, for `Catalog.upsert`.
+
+    Built apart from the write so that a caller can build the next batch's rows
+    while one is written: what only the transaction knows (the key and the
+    version) is added there.
+    """
+
+    def __init__(self, items: Iterable[tuple[Product, np.ndarray]]) -> None:
+        self.items = list(items)
+        self.values = [row_values(product, vector) for product, vector in self.items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
 @dataclass
 class UpsertWrite:
     version: int
     outcomes: list[Outcome]
     model_id: str | None
     dim: int | None
+    committed: bool = True  # False: nothing changed, and the version is the one before
 
 
 @dataclass
@@ -279,20 +298,21 @@ class Catalog:
     # -- writes --------------------------------------------------------------------------
 
     @_guarded
-    def upsert(self, items: Sequence[tuple[Product, np.ndarray]]) -> UpsertWrite:
+    def upsert(self, items: Rows | Sequence[tuple[Product, np.ndarray]]) -> UpsertWrite:
         """Insert or replace (product, unit vector) pairs, distinct ids, in one transaction.
 
         A product whose model or dimension differs from the catalog's fails alone
         (FAILED_PRECONDITION); an empty catalog takes the model of its first product.
         """
-        ids = [product.id for product, _vector in items]
+        rows = items if isinstance(items, Rows) else Rows(items)
+        ids = [product.id for product, _vector in rows.items]
         if len(set(ids)) != len(ids):
             raise ValueError("one upsert call takes each product id once")
         with self.engine.connect() as conn, conn.begin() as transaction:
             state = _bump_version(conn)
-            model, dim = state.model_id, state.dim
-            if items:
-                first, vector = items[0]
+            version, model, dim = state.version, state.model_id, state.dim
+            if rows.items:
+                first, vector = rows.items[0]
                 differs = (model, dim) != (first.model_id, vector.size)
                 if differs and (model is None or _is_empty(conn)):
                     model, dim = first.model_id, int(vector.size)
@@ -301,30 +321,29 @@ class Catalog:
             updates: list[tuple] = []
             outcomes = []
             next_key = _next_key(conn)
-            for product, vector in items:
+            for (product, vector), row in zip(rows.items, rows.values, strict=True):
                 try:
                     check_model(product.model_id, int(vector.size), model, dim)
                 except FailedPrecondition as err:
                     outcomes.append(Outcome("failed", error=err))
                     continue
-                row = row_values(product, vector, state.version)
                 old = existing.get(product.id)
                 if old is None:
-                    inserts.append((next_key, *row))
-                    outcomes.append(Outcome("inserted", next_key, vector_changed=True))
+                    inserts.append((next_key, *row, version))
+                    outcomes.append(Outcome("inserted", next_key, True))
                     next_key += 1
                     continue
                 same_vector = old.vector == row[_VECTOR]
                 if same_vector and tuple(old)[_OLD_CONTENT] == row[_CONTENT]:
                     outcomes.append(Outcome("unchanged", old.row_key))
                     continue
-                updates.append((*row, old.row_key))
-                outcomes.append(Outcome("updated", old.row_key, vector_changed=not same_vector))
+                updates.append((*row, version, old.row_key))
+                outcomes.append(Outcome("updated", old.row_key, not same_vector))
             if not inserts and not updates:
                 transaction.rollback()  # nothing changed: the version stays where it was
-                return UpsertWrite(state.version - 1, outcomes, state.model_id, state.dim)
+                return UpsertWrite(version - 1, outcomes, state.model_id, state.dim, False)
             if inserts:
-                _executemany(conn, products.insert(), ["row_key", *ROW_COLUMNS], inserts)
+                _insert(conn, products, ["row_key", *ROW_COLUMNS], inserts)
             if updates:
                 where = products.c.row_key == sa.bindparam("b_key")
                 statement = products.update().where(where)
@@ -334,7 +353,7 @@ class Catalog:
                 .where(catalog_state.c.id == 1)
                 .values(next_key=next_key, model_id=model, dim=dim)
             )
-        return UpsertWrite(state.version, outcomes, model, dim)
+        return UpsertWrite(version, outcomes, model, dim)
 
     @_guarded
     def delete(self, product_ids: Sequence[str]) -> DeleteWrite:
@@ -425,14 +444,40 @@ def _rows_by_id(conn: sa.Connection, ids: Sequence[str]) -> dict[str, sa.Row]:
     found = {}
     for start in range(0, len(ids), LOOKUP_CHUNK):
         chunk = ids[start : start + LOOKUP_CHUNK]
-        query = sa.select(products).where(products.c.product_id.in_(chunk))
-        found.update({row.product_id: row for row in conn.execute(query)})
+        found.update({row.product_id: row for row in conn.execute(_BY_IDS, {"ids": chunk})})
     return found
+
+
+# One statement whatever the ids: a literal IN list costs ~3 us an id to compile.
+_BY_IDS = sa.select(products).where(products.c.product_id.in_(sa.bindparam("ids", expanding=True)))
 
 
 def _select(include_vector: bool) -> sa.Select:
     columns = [c for c in products.c if include_vector or c.name != "vector"]
     return sa.select(*columns)
+
+
+def _insert(conn: sa.Connection, table: sa.Table, names: list[str], rows: list[tuple]) -> None:
+    """Insert `rows` (values in `names` order, driver types) into `table`.
+
+    On SQLite, as multi-row INSERT ... VALUES statements of up to SQLITE_VALUES
+    parameters each: the sqlite3 module releases the GIL once per statement
+    step, so one step that inserts ~1,900 rows lets the next batch's checks and
+    the index update run beside it, where executemany's one step per row hands
+    the GIL back and forth for every row. Other drivers (psycopg pipelines an
+    executemany) take `_executemany`.
+    """
+    if conn.dialect.name != "sqlite":
+        _executemany(conn, table.insert(), names, rows)
+        return
+    quote = conn.dialect.identifier_preparer.quote
+    head = f"INSERT INTO {quote(table.name)} ({', '.join(quote(name) for name in names)}) VALUES "
+    group = f"({', '.join('?' * len(names))})"
+    per_statement = SQLITE_VALUES // len(names)
+    for start in range(0, len(rows), per_statement):
+        chunk = rows[start : start + per_statement]
+        sql = head + ", ".join([group] * len(chunk))
+        conn.exec_driver_sql(sql, tuple(itertools.chain.from_iterable(chunk)))
 
 
 def _executemany(
@@ -462,10 +507,11 @@ _CONTENT = slice(1, 1 + len(CONTENT_COLUMNS))  # name ... model_id, within a row
 _OLD_CONTENT = slice(2, 2 + len(CONTENT_COLUMNS))  # the same within a selected products row
 _VECTOR = ROW_COLUMNS.index("vector")
 assert ROW_COLUMNS[_CONTENT] == list(CONTENT_COLUMNS), "products columns moved: update row_values"
+assert ROW_COLUMNS[-1] == "version", "products columns moved: Catalog.upsert appends the version"
 
 
-def row_values(product: Product, vector: np.ndarray, version: int) -> tuple:
-    """A product row's values in ROW_COLUMNS order, as the driver takes them."""
+def row_values(product: Product, vector: np.ndarray) -> tuple:
+    """A row's values in ROW_COLUMNS order but the last (`version`), as the driver takes them."""
     attributes = product.attributes
     return (
         product.id,
@@ -483,7 +529,6 @@ def row_values(product: Product, vector: np.ndarray, version: int) -> tuple:
         product.image_sha256,
         product.model_id,
         to_bytes(vector),
-        version,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -15,11 +16,12 @@ from search_service.models import (
     MAX_RESULT_WINDOW,
     MAX_TOP_K,
     ItemFailure,
+    Product,
     SearchQuery,
     UpsertItem,
     UpsertSummary,
 )
-from search_service.vectors import unit_vectors
+from search_service.vectors import unit_rows, unit_vectors
 from vpm_common.errors import InvalidArgument
 
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -68,18 +70,65 @@ def checked_items(items: list[UpsertItem], summary: UpsertSummary) -> list[Upser
     return [item for i, item in enumerate(kept) if i not in failed]
 
 
+def row_matrix(vectors: np.ndarray | Sequence[Sequence[float]], rows: int) -> np.ndarray:
+    """`vectors` as a float32 matrix of `rows` rows; InvalidArgument when it is not one."""
+    matrix = np.asarray(vectors, dtype=np.float32)
+    if rows == 0 and matrix.size == 0:
+        return matrix.reshape(0, 0)
+    if matrix.ndim != 2 or len(matrix) != rows:
+        raise InvalidArgument(
+            f"vectors: expected a matrix with one row per product ({rows} rows), "
+            f"got an array of shape {matrix.shape}"
+        )
+    return matrix
+
+
+def checked_rows(
+    products: Sequence[Product], matrix: np.ndarray, summary: UpsertSummary
+) -> tuple[list[Product], np.ndarray]:
+    """The products that pass the checks and their vectors normalized, one row each.
+
+    The bulk form of `checked_items` for products with vectors, given as a
+    `row_matrix`; failures are recorded in `summary`, a product's own error
+    before its vector's.
+    """
+    unit, errors = unit_rows(matrix, "vector")
+    kept: list[Product] = []
+    rows: list[int] = []
+    for row, product in enumerate(products):
+        try:
+            _check_id(product)
+            _check_image_hash(product)
+        except InvalidArgument as err:
+            errors[row] = err
+        if row in errors:
+            summary.failures.append(ItemFailure(product.id, errors[row].code, errors[row].message))
+        else:
+            kept.append(product)
+            rows.append(row)
+    return kept, unit if len(rows) == len(unit) else unit[rows]
+
+
 def _check_item(item: UpsertItem) -> UpsertItem:
-    product = item.product
-    if not 1 <= len(product.id) <= MAX_ID_LENGTH:
-        raise InvalidArgument(f"id: must be 1 to {MAX_ID_LENGTH} characters, got {len(product.id)}")
+    _check_id(item.product)
     has_vector = item.vector is not None and len(item.vector) > 0
     if has_vector == (item.image is not None):
         raise InvalidArgument("vector, image: set exactly one of them")
     if item.image is None:
-        if product.image_sha256 and not SHA256_HEX.fullmatch(product.image_sha256):
-            raise InvalidArgument("image_sha256: must be 64 lower-case hex digits")
+        _check_image_hash(item.product)
         return item
     if not item.image:
         raise InvalidArgument("image: must not be empty")
     digest = hashlib.sha256(item.image).hexdigest()
-    return UpsertItem(dataclasses.replace(product, image_sha256=digest), image=item.image)
+    return UpsertItem(dataclasses.replace(item.product, image_sha256=digest), image=item.image)
+
+
+def _check_id(product: Product) -> None:
+    if not 1 <= len(product.id) <= MAX_ID_LENGTH:
+        raise InvalidArgument(f"id: must be 1 to {MAX_ID_LENGTH} characters, got {len(product.id)}")
+
+
+def _check_image_hash(product: Product) -> None:
+    """A hash sent with a vector (no image) must at least have the form of one."""
+    if product.image_sha256 and not SHA256_HEX.fullmatch(product.image_sha256):
+        raise InvalidArgument("image_sha256: must be 64 lower-case hex digits")

@@ -13,14 +13,15 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import Counter
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
 
-from search_service.catalog import Catalog
-from search_service.checks import checked_items, query_options
+from search_service.catalog import Catalog, Rows, UpsertWrite
+from search_service.checks import checked_items, checked_rows, query_options, row_matrix
 from search_service.embedder import QueryEmbedder
 from search_service.filters import Term
 from search_service.index import FLAT, single_threaded
@@ -317,23 +318,31 @@ class SearchEngine:
             await asyncio.gather(*(asyncio.wrap_future(f) for f in list(applying)))
         return summary
 
-    def upsert_products(self, items: Iterable[tuple[Product, np.ndarray]]) -> UpsertSummary:
-        """Synchronous bulk upsert of (product, vector) pairs whose products carry model ids.
+    def upsert_products(self, products: Sequence[Product], vectors: np.ndarray) -> UpsertSummary:
+        """Bulk upsert of products that carry their model ids, with their vectors as rows.
 
-        Each batch is committed while the one before is applied to the index.
+        Batches of `batch_size` (cut before an id repeated within one, so the last
+        wins) are checked here while the batch before is committed on a writer
+        thread, and the one before that is applied to the index.
         """
         self._require_loaded()
+        products = list(products)
+        matrix = row_matrix(vectors, len(products))
         summary = UpsertSummary(catalog_version=self.mirror.version)
         applying: list[Future] = []
-        batch: list[UpsertItem] = []
-        ids: set[str] = set()
-        for product, vector in items:
-            if product.id in ids or len(batch) >= self.batch_size:
-                summary.add(self._commit(_pairs(checked_items(batch, summary)), applying))
-                batch, ids = [], set()
-            batch.append(UpsertItem(product, vector))
-            ids.add(product.id)
-        summary.add(self._commit(_pairs(checked_items(batch, summary)), applying))
+        writing: Future | None = None
+        try:
+            with ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
+                for part in _batches([product.id for product in products], self.batch_size):
+                    kept, unit = checked_rows(products[part], matrix[part], summary)
+                    rows = Rows(zip(kept, unit, strict=True))
+                    if writing is not None:
+                        summary.add(writing.result())
+                    writing = writer.submit(self._commit, rows, applying)
+                if writing is not None:
+                    summary.add(writing.result())
+        finally:
+            wait(applying)  # whatever happened, what was committed is applied
         for future in applying:
             future.result()
         return summary
@@ -368,7 +377,7 @@ class SearchEngine:
         return ready
 
     def _commit(
-        self, items: list[tuple[Product, np.ndarray]], applying: list[Future]
+        self, items: Rows | list[tuple[Product, np.ndarray]], applying: list[Future]
     ) -> UpsertSummary:
         """Commit checked (product, unit vector) pairs with distinct ids in one transaction,
         and queue their application to the mirror (appended to `applying`).
@@ -376,30 +385,31 @@ class SearchEngine:
         The writer lock orders commits; the single applier thread applies them in
         that order, so the next batch commits while this one is applied.
         """
-        summary = UpsertSummary(catalog_version=self.mirror.version)
         if not items:
-            return summary
+            return UpsertSummary(catalog_version=self.mirror.version)
+        rows = items if isinstance(items, Rows) else Rows(items)
         with self._writer:
-            write = self.catalog.upsert(items)
-            changes: list[Change] = []
-            for (product, vector), outcome in zip(items, write.outcomes, strict=True):
-                if outcome.kind == "failed":
-                    error = outcome.error
-                    summary.failures.append(ItemFailure(product.id, error.code, error.message))
-                    continue
-                setattr(summary, outcome.kind, getattr(summary, outcome.kind) + 1)
-                if outcome.kind != "unchanged":
-                    changes.append(
-                        (outcome.key, product, vector if outcome.vector_changed else None)
-                    )
-            summary.catalog_version = write.version
-            if changes:
-                applying.append(
-                    self._applier.submit(
-                        self.mirror.apply, write.version, changes, write.model_id, write.dim
-                    )
-                )
-        return summary
+            write = self.catalog.upsert(rows)
+            if write.committed:
+                applying.append(self._applier.submit(self._apply, rows.items, write))
+        kinds = Counter(outcome.kind for outcome in write.outcomes)
+        failures = [
+            ItemFailure(product.id, outcome.error.code, outcome.error.message)
+            for (product, _vector), outcome in zip(rows.items, write.outcomes, strict=True)
+            if outcome.error is not None
+        ]
+        return UpsertSummary(
+            kinds["inserted"], kinds["updated"], kinds["unchanged"], failures, write.version
+        )
+
+    def _apply(self, items: list[tuple[Product, np.ndarray]], write: UpsertWrite) -> None:
+        """Bring a committed upsert's inserted and updated products into the mirror."""
+        changes: list[Change] = [
+            (outcome.key, product, vector if outcome.vector_changed else None)
+            for (product, vector), outcome in zip(items, write.outcomes, strict=True)
+            if outcome.kind in ("inserted", "updated")
+        ]
+        self.mirror.apply(write.version, changes, write.model_id, write.dim)
 
     def _require_loaded(self) -> None:
         if not self.loaded:
@@ -468,8 +478,16 @@ class SearchEngine:
         return encoded
 
 
-def _pairs(items: list[UpsertItem]) -> list[tuple[Product, np.ndarray]]:
-    return [(item.product, item.vector) for item in items]
+def _batches(ids: Sequence[str], size: int) -> Iterator[slice]:
+    """Runs of at most `size` positions with distinct ids, cut before a repeated one."""
+    start, seen = 0, set()
+    for position, product_id in enumerate(ids):
+        if product_id in seen or position - start >= size:
+            yield slice(start, position)
+            start, seen = position, set()
+        seen.add(product_id)
+    if start < len(ids):
+        yield slice(start, len(ids))
 
 
 def _pages(items: Iterable, size: int) -> Iterable[list]:

@@ -55,14 +55,9 @@ class _Column:
         self.values: dict[str, int] = {}
 
     def codes_of(self, values: list[str]) -> np.ndarray:
-        known = self.values.get
-        codes = [known(value) for value in values]
-        if None in codes:
-            codes = [
-                self.code(value) if code is None else code
-                for value, code in zip(values, codes, strict=True)
-            ]
-        return np.array(codes, dtype=np.int32)
+        table = self.values
+        # setdefault gives a new value the next code, len(table), in one dict call.
+        return np.array([table.setdefault(value, len(table)) for value in values], np.int32)
 
     def code(self, value: str) -> int:
         code = self.values.get(value)

@@ -46,14 +46,9 @@ def unit_vectors(
         if array.ndim == 1 and array.size:
             by_size.setdefault(array.size, []).append(i)
     for positions in by_size.values():
-        matrix = np.stack([arrays[i] for i in positions])
-        norms = np.linalg.norm(matrix, axis=1)
-        # NaN or infinity make the norm non-finite; float32 overflow or underflow of the
-        # norm itself sends the vector to unit_vector (float64) below.
-        good = np.isfinite(norms) & (norms > 1e-18) & (norms < 1e18)
-        unit = matrix[good] / norms[good, None]
-        for row, i in zip(unit, np.asarray(positions)[good], strict=True):
-            results[i] = row
+        unit, errors = unit_rows(np.stack([arrays[i] for i in positions]), field)
+        for row, i in enumerate(positions):
+            results[i] = errors.get(row, unit[row])
     for i, result in enumerate(results):
         if result is None:
             try:
@@ -61,6 +56,28 @@ def unit_vectors(
             except InvalidArgument as err:
                 results[i] = err
     return results  # type: ignore[return-value]
+
+
+def unit_rows(matrix: np.ndarray, field: str) -> tuple[np.ndarray, dict[int, InvalidArgument]]:
+    """The rows of a 2-D float32 `matrix` L2-normalized, and the errors of rows that cannot be.
+
+    A failed row's values in the result are undefined. Rows whose float32 norm is
+    not finite, zero, or near overflow or underflow go one by one through
+    `unit_vector` (float64), which either normalizes them or names the problem.
+    """
+    norms = np.linalg.norm(matrix, axis=1)
+    good = np.isfinite(norms) & (norms > 1e-18) & (norms < 1e18)
+    if good.all():
+        return matrix / norms[:, None], {}
+    unit = np.zeros_like(matrix)
+    unit[good] = matrix[good] / norms[good, None]
+    errors = {}
+    for row in np.flatnonzero(~good).tolist():
+        try:
+            unit[row] = unit_vector(matrix[row], field)
+        except InvalidArgument as err:
+            errors[row] = err
+    return unit, errors
 
 
 def check_model(

@@ -37,7 +37,7 @@ def engine_10k(
     # catalog's own tests and the writing tests below run on PostgreSQL too.
     products, vectors = catalog_10k
     engine = open_engine(sqlite_url)
-    summary = engine.upsert_products(zip(products, vectors, strict=True))
+    summary = engine.upsert_products(products, vectors)
     assert (summary.inserted, summary.failed) == (10_000, 0)
     return engine, products, vectors
 
@@ -205,18 +205,54 @@ def test_upsert_stream_counts_each_outcome_and_last_duplicate_wins(
     assert summary.catalog_version == engine.mirror.version == 2
 
 
+def test_bulk_upsert_fails_bad_rows_alone_and_cuts_batches_at_repeats(
+    open_engine: OpenEngine, catalog_url: str
+) -> None:
+    engine = open_engine(catalog_url, batch_size=3)
+    products, vectors = random_catalog(5, 4)
+    extra = [
+        dataclasses.replace(products[0], name="second"),  # repeat: update, the last wins
+        products[1],  # repeat, unchanged
+        Product(id="", model_id="test-model"),
+        Product(id="nan", model_id="test-model"),
+        Product(id="zero", model_id="test-model"),
+        Product(id="model", model_id="other"),
+        Product(id="sha", model_id="test-model", image_sha256="XYZ"),
+        Product(id="tiny", model_id="test-model"),
+    ]
+    rows = [vectors[0], vectors[1], vectors[0], [np.nan] * 4, [0.0] * 4, vectors[0]]
+    rows += [vectors[0], [1e-30] * 4]  # a norm float32 cannot hold is normalized in float64
+    summary = engine.upsert_products(products + extra, np.vstack([vectors, rows]))
+    assert (summary.inserted, summary.updated, summary.unchanged) == (6, 1, 1)
+    failures = {f.id: (f.code, f.message) for f in summary.failures}
+    assert failures == {
+        "": (3, "id: must be 1 to 256 characters, got 0"),
+        "nan": (3, "vector: value 0 is not finite (nan)"),
+        "zero": (3, "vector: has zero norm"),
+        "model": (9, "model_id: 'other' differs from the catalog's model 'test-model'"),
+        "sha": (3, "image_sha256: must be 64 lower-case hex digits"),
+    }
+    assert engine.get("p0")[0].name == "second"
+    np.testing.assert_allclose(engine.get("tiny", include_vector=True)[1], [0.5] * 4)
+    assert engine.index_keys().size == engine.catalog.count() == 6
+    assert summary.catalog_version == engine.mirror.version
+
+    with pytest.raises(InvalidArgument, match=r"vectors: expected a matrix with one row per "):
+        engine.upsert_products(products, vectors[:4])
+
+
 def test_restart_loads_the_snapshot_and_catches_up(
     catalog_url: str, open_engine: OpenEngine, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A second engine on the same catalog (another process) and a restart from a snapshot."""
     products, vectors = random_catalog(3000, 16)
     first = open_engine(catalog_url, tmp_path / "a")
-    first.upsert_products(zip(products[:2000], vectors[:2000], strict=True))
+    first.upsert_products(products[:2000], vectors[:2000])
     assert first.save_snapshot()
     # Changes after the snapshot: new products, a moved vector, new metadata, deletions.
-    first.upsert_products(zip(products[2000:], vectors[2000:], strict=True))
+    first.upsert_products(products[2000:], vectors[2000:])
     first.upsert_products(
-        [(products[5], -vectors[5]), (dataclasses.replace(products[6], name="x"), vectors[6])]
+        [products[5], dataclasses.replace(products[6], name="x")], [-vectors[5], vectors[6]]
     )
     first.delete(["p7", "p2500"])
 
@@ -231,7 +267,7 @@ def test_restart_loads_the_snapshot_and_catches_up(
     with pytest.raises(NotFound):
         second.get("p7")
     # The other direction: the second writes, the first catches up without a rebuild.
-    second.upsert_products([(products[8], -vectors[8])])
+    second.upsert_products([products[8]], [-vectors[8]])
     first.catch_up()
     assert first.search_vector(-vectors[8], top_k=1).matches[0].product.id == "p8"
     assert first.mirror.version == second.mirror.version
@@ -247,7 +283,7 @@ def test_untrustworthy_snapshots_are_rebuilt(
 ) -> None:
     products, vectors = random_catalog(500, 8)
     engine = open_engine(catalog_url, tmp_path / "d")
-    engine.upsert_products(zip(products, vectors, strict=True))
+    engine.upsert_products(products, vectors)
     engine.save_snapshot()
     path = engine.mirror.snapshot_path
     index, meta = VectorIndex.load(path)
@@ -292,7 +328,7 @@ def test_searches_never_see_half_a_batch(open_engine: OpenEngine, catalog_url: s
     threads = [threading.Thread(target=searcher) for _ in range(3)]
     for thread in threads:
         thread.start()
-    engine.upsert_products(zip(tagged, vectors, strict=True))
+    engine.upsert_products(tagged, vectors)
     done.set()
     for thread in threads:
         thread.join()
@@ -344,7 +380,7 @@ def test_an_encoder_of_another_model_is_refused(
     _, server = fake_encoders(dim=8, model_id="a-new-model")
     engine = open_engine(catalog_url)
     products, vectors = random_catalog(10, 8)
-    engine.upsert_products(zip(products, vectors, strict=True))
+    engine.upsert_products(products, vectors)
 
     async def run():
         engine.embedder = QueryEmbedder(EncoderPool([server.target], timeout_s=5))
@@ -369,14 +405,14 @@ def test_ivf_index_trains_once_the_catalog_is_large_enough(
 ) -> None:
     engine = open_engine(catalog_url, index_factory="IVF8,Flat")
     products, vectors = random_catalog(1500, 8)
-    engine.upsert_products(zip(products[:300], vectors[:300], strict=True))
+    engine.upsert_products(products[:300], vectors[:300])
     with pytest.raises(FailedPrecondition) as caught:
         engine.search_vector(vectors[0])
     assert caught.value.message == (
         "the IVF8,Flat index needs at least 1000 vectors to train and the catalog has 300; "
         "searches fail until then (or use --index-factory Flat)"
     )
-    engine.upsert_products(zip(products[300:], vectors[300:], strict=True))
+    engine.upsert_products(products[300:], vectors[300:])
     assert engine.search_vector(vectors[1200], top_k=1).matches[0].product.id == "p1200"
     assert engine.mirror.agrees()
 
@@ -391,10 +427,10 @@ def test_an_emptied_catalog_takes_a_new_model_and_dimension(
 ) -> None:
     engine = open_engine(catalog_url)
     old, old_vectors = random_catalog(20, 8, model_id="old-model")
-    engine.upsert_products(zip(old, old_vectors, strict=True))
+    engine.upsert_products(old, old_vectors)
     engine.delete([p.id for p in old])
     new, new_vectors = random_catalog(20, 12, model_id="new-model", prefix="n")
-    summary = engine.upsert_products(zip(new, new_vectors, strict=True))
+    summary = engine.upsert_products(new, new_vectors)
     assert summary.inserted == 20 and summary.failed == 0
     result = engine.search_vector(new_vectors[4], top_k=1)
     assert result.matches[0].product.id == "n4" and result.model_id == "new-model"

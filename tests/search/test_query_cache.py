@@ -301,7 +301,7 @@ def test_get_stats_and_metrics_report_the_cache_and_id_queries_skip_it(
 ) -> None:
     engine = open_engine(sqlite_url)
     products, vectors = random_catalog(50, TINY_DIM, model_id="VPM-Tiny/random-seed0")
-    engine.upsert_products(zip(products, vectors, strict=True))
+    engine.upsert_products(products, vectors)
     running = start_search(engine, encoders=(real_encoder.target,), query_cache_size=100)
 
     def sample(name: str) -> float:

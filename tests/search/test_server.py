@@ -36,7 +36,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSearch]:
     engine = SearchEngine(Catalog.open(f"sqlite:///{folder}/catalog.db"), folder / "data")
     engine.load()
     products, vectors = random_catalog(10_000, DIM, seed=2)
-    engine.upsert_products(zip(products, vectors, strict=True))
+    engine.upsert_products(products, vectors)
     running = serve_engine(engine)
     running.products, running.vectors = products, vectors
     yield running
@@ -51,7 +51,7 @@ def small(
     """A server over 1,000 products, for the tests that change them."""
     engine = open_engine(catalog_url)
     products, vectors = random_catalog(1000, DIM, seed=3)
-    engine.upsert_products(zip(products, vectors, strict=True))
+    engine.upsert_products(products, vectors)
     running = start_search(engine)
     running.products, running.vectors = products, vectors
     return running

@@ -32,15 +32,15 @@ def test_changes_through_one_engine_reach_the_other_by_the_change_log(
     a = open_engine(catalog_url, tmp_path / "a")
     b = open_engine(catalog_url, tmp_path / "b")
     caplog.set_level(logging.INFO)
-    a.upsert_products(zip(products[:400], vectors[:400], strict=True))
+    a.upsert_products(products[:400], vectors[:400])
     done = b.catch_up()
     assert (done.since, done.version, done.changed, done.deleted) == (0, 1, 400, 0)
     assert not done.rebuilt and b.mirror.model_id == "test-model" and b.mirror.dim == 16
     assert ids(b.search_vector(product_id="p7", top_k=1)) == ids(a.search_vector(vectors[7]))[1:2]
 
     # Both write; each brings in only what the other did since its own version.
-    b.upsert_products([(dataclasses.replace(products[3], name="renamed"), -vectors[3])])
-    a.upsert_products(zip(products[400:], vectors[400:], strict=True))
+    b.upsert_products([dataclasses.replace(products[3], name="renamed")], [-vectors[3]])
+    a.upsert_products(products[400:], vectors[400:])
     b.delete(["p5", "p450"])
     assert a.catch_up().version == b.catch_up().version == 4
     for engine in (a, b):
@@ -60,11 +60,11 @@ def test_an_emptied_catalog_s_new_model_reaches_the_other_engine(
     old, old_vectors = random_catalog(30, 8, model_id="old-model")
     a = open_engine(catalog_url, tmp_path / "a")
     b = open_engine(catalog_url, tmp_path / "b")
-    a.upsert_products(zip(old, old_vectors, strict=True))
+    a.upsert_products(old, old_vectors)
     b.catch_up()
     a.delete([p.id for p in old])
     new, new_vectors = random_catalog(30, 12, model_id="new-model", prefix="n")
-    a.upsert_products(zip(new, new_vectors, strict=True))
+    a.upsert_products(new, new_vectors)
     b.catch_up()
     assert (b.mirror.model_id, b.mirror.dim, len(b.mirror.records)) == ("new-model", 12, 30)
     result = b.search_vector(new_vectors[4], top_k=1)
@@ -79,13 +79,13 @@ def test_rows_of_a_model_taken_after_the_state_was_read_wait_for_the_next_round(
     old, old_vectors = random_catalog(20, 8, model_id="old-model")
     a = open_engine(catalog_url, tmp_path / "a")
     b = open_engine(catalog_url, tmp_path / "b")
-    a.upsert_products(zip(old, old_vectors, strict=True))
+    a.upsert_products(old, old_vectors)
     b.catch_up()
     a.delete([p.id for p in old[:10]])
     stale = a.catalog.state()  # what b reads first...
     a.delete([p.id for p in old[10:]])  # ...before the catalog changes model under it
     new, new_vectors = random_catalog(20, 12, model_id="new-model", prefix="n")
-    a.upsert_products(zip(new, new_vectors, strict=True))
+    a.upsert_products(new, new_vectors)
     real_state = b.catalog.state
     calls = iter([stale])
     monkeypatch.setattr(b.catalog, "state", lambda: next(calls, None) or real_state())
@@ -110,7 +110,7 @@ def test_an_engine_or_snapshot_behind_the_pruned_log_rebuilds(
 ) -> None:
     products, vectors = random_catalog(300, 8)
     a = open_engine(catalog_url, tmp_path / "a")
-    a.upsert_products(zip(products, vectors, strict=True))
+    a.upsert_products(products, vectors)
     b = open_engine(catalog_url, tmp_path / "b")
     assert b.save_snapshot()  # at version 1
     a.delete(["p1", "p2"])
@@ -147,7 +147,7 @@ def test_upkeep_loops_catch_up_and_prune_until_cancelled(
         prune = asyncio.create_task(prune_every(a, 7, interval_s=0.05))
         try:
             started = time.monotonic()
-            await asyncio.to_thread(a.upsert_products, zip(products, vectors, strict=True))
+            await asyncio.to_thread(a.upsert_products, products, vectors)
             while len(b.mirror.records) < 50:
                 await asyncio.sleep(0.01)
             seen_after = time.monotonic() - started
