@@ -17,9 +17,11 @@ from vpm.v1 import search_pb2, search_pb2_grpc
 pytestmark = pytest.mark.slow
 
 # Small batches: slow enough encoders that a kill and a restart (which takes a
-# few seconds) land in the middle of a run.
+# few seconds, plus up to the pool's 5 s reconnect backoff) land in the middle of
+# a run. 6,000 photos ran in 8.5 s once the search service ingested faster, and
+# the run sometimes ended before the restarted encoder was reached.
 SLOW = ("--max-batch", "2")
-PHOTOS = 6000
+PHOTOS = 12_000
 
 
 def images_encoded(metrics_port: int) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 import time
 from collections.abc import Callable
 
@@ -183,6 +184,20 @@ def test_large_batches_commit_in_one_transaction(
     assert np.array_equal(stored, vectors)  # keys follow insertion order
     listed = [product for _, product, _ in catalog.products()]
     assert listed == products
+
+
+def test_sqlite_inserts_fit_the_library_parameter_limit(
+    sqlite_url: str, open_catalog: OpenCatalog
+) -> None:
+    catalog = open_catalog(sqlite_url)
+    catalog.engine.dispose()  # the connections below take the lower limit as they open
+    limit = sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER
+    sa.event.listen(catalog.engine, "connect", lambda dbapi, _record: dbapi.setlimit(limit, 999))
+    products, vectors = random_catalog(700, 8)  # 17 values a row: 58 rows a statement
+    assert catalog.upsert(pairs(products, vectors)).committed
+    assert [product for _, product, _ in catalog.products()] == products
+    stored = np.concatenate([page for _, page in catalog.vector_pages()])
+    assert np.array_equal(stored, vectors)
 
 
 def test_unreachable_database_is_unavailable_without_sql(tmp_path) -> None:

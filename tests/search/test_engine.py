@@ -219,9 +219,11 @@ def test_bulk_upsert_fails_bad_rows_alone_and_cuts_batches_at_repeats(
         Product(id="model", model_id="other"),
         Product(id="sha", model_id="test-model", image_sha256="XYZ"),
         Product(id="tiny", model_id="test-model"),
+        Product(id="nomodel"),
     ]
     rows = [vectors[0], vectors[1], vectors[0], [np.nan] * 4, [0.0] * 4, vectors[0]]
     rows += [vectors[0], [1e-30] * 4]  # a norm float32 cannot hold is normalized in float64
+    rows += [vectors[0]]
     summary = engine.upsert_products(products + extra, np.vstack([vectors, rows]))
     assert (summary.inserted, summary.updated, summary.unchanged) == (6, 1, 1)
     failures = {f.id: (f.code, f.message) for f in summary.failures}
@@ -231,6 +233,7 @@ def test_bulk_upsert_fails_bad_rows_alone_and_cuts_batches_at_repeats(
         "zero": (3, "vector: has zero norm"),
         "model": (9, "model_id: 'other' differs from the catalog's model 'test-model'"),
         "sha": (3, "image_sha256: must be 64 lower-case hex digits"),
+        "nomodel": (3, "model_id: must name the model that produced the vector"),
     }
     assert engine.get("p0")[0].name == "second"
     np.testing.assert_allclose(engine.get("tiny", include_vector=True)[1], [0.5] * 4)
