@@ -63,6 +63,17 @@ def single_threaded() -> None:
     faiss.omp_set_num_threads(1)
 
 
+@contextmanager
+def all_cores() -> Iterator[None]:
+    """FAISS calls from the current thread use every core inside the block (index builds)."""
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
+
+
 def check_index_settings(factory: str, params: str, dim: int) -> None:
     """ValueError with FAISS's reason when `factory` or `params` cannot make an index of `dim`."""
     try:

@@ -27,6 +27,7 @@ from search_service.index import (
     IndexNotReady,
     SnapshotError,
     VectorIndex,
+    all_cores,
     training_need,
     write_snapshot,
 )
@@ -207,11 +208,17 @@ class CatalogMirror:
         self, state: CatalogState, records: dict[int, Product] | None = None
     ) -> VectorIndex | None:
         """A fresh index of the vectors of the products held, or of `records` (trained first
-        if its type needs it).
+        if its type needs it), built on every core.
 
         Rows the catalog gained since the products were read are left to catching up,
         so the index never holds a key without its product.
         """
+        with all_cores():
+            return self._build_index(state, records)
+
+    def _build_index(
+        self, state: CatalogState, records: dict[int, Product] | None
+    ) -> VectorIndex | None:
         if state.dim is None:
             return None
         records = self.records if records is None else records

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
@@ -12,7 +15,9 @@ from search_service.index import (
     IndexNotReady,
     SnapshotError,
     VectorIndex,
+    all_cores,
     check_index_settings,
+    single_threaded,
     training_need,
 )
 from tests.search.conftest import assert_exact_top_k, brute_force
@@ -204,3 +209,17 @@ def test_bad_factory_or_params_are_refused_with_faiss_reason() -> None:
         check_index_settings("Nope", "", 512)
     with pytest.raises(ValueError, match="could not set parameter nprobe"):
         check_index_settings("HNSW32", "nprobe=4", 512)
+
+
+def test_openmp_threads_are_set_per_thread_and_restored() -> None:
+    def inside_worker() -> tuple[int, int, int]:
+        single_threaded()
+        with all_cores():
+            during = faiss.omp_get_max_threads()
+        return faiss.omp_get_max_threads(), during, faiss.omp_get_max_threads()
+
+    mine = faiss.omp_get_max_threads()
+    with ThreadPoolExecutor(1) as worker:
+        before, during, after = worker.submit(inside_worker).result()
+    assert (before, during, after) == (1, os.cpu_count(), 1)
+    assert faiss.omp_get_max_threads() == mine  # this thread kept its own setting
