@@ -14,7 +14,7 @@ from search_service.index import check_index_settings
 from search_service.query_cache import CachingEmbedder
 from search_service.server import SearchApp, create_server
 from search_service.settings import SearchSettings
-from search_service.upkeep import catch_up_every, prune_every
+from search_service.upkeep import catch_up_every, checkpoint_when_quiet, prune_every
 from vpm_common.encoder_pool import EncoderPool
 from vpm_common.errors import Unavailable
 from vpm_common.logs import configure_logging
@@ -105,11 +105,13 @@ async def serve(settings: SearchSettings) -> int:
     # Other processes sharing the catalog write too: follow its change log.
     following = asyncio.create_task(catch_up_every(engine, settings.catch_up_interval_s))
     pruning = asyncio.create_task(prune_every(engine, settings.deletions_retention_days))
+    checkpoints = asyncio.create_task(checkpoint_when_quiet(engine))
     signal_name = await stop
     logger.info("%s received: NOT_SERVING, stopping within %.0fs", signal_name, settings.grace_s)
     snapshots.cancel()
     following.cancel()
     pruning.cancel()
+    checkpoints.cancel()
     await stop_gracefully(server, app.health, settings.grace_s)
     await embedder.close()
     await asyncio.to_thread(engine.close)  # flush the index snapshot, close the catalog

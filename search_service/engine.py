@@ -22,6 +22,7 @@ import numpy as np
 
 from search_service.catalog import Catalog, Rows, UpsertWrite
 from search_service.checks import checked_items, checked_rows, query_options, row_matrix
+from search_service.collector import collector_paused
 from search_service.embedder import QueryEmbedder
 from search_service.filters import Term
 from search_service.index import FLAT, single_threaded
@@ -332,7 +333,8 @@ class SearchEngine:
 
         Batches of `batch_size` (cut before an id repeated within one, so the last
         wins) are checked here while the batch before is committed on a writer
-        thread, and the one before that is applied to the index.
+        thread, and the one before that is applied to the index. The garbage
+        collector pauses meanwhile (see `collector_paused`).
         """
         self._require_loaded()
         products = list(products)
@@ -340,18 +342,19 @@ class SearchEngine:
         summary = UpsertSummary(catalog_version=self.mirror.version)
         applying: list[Future] = []
         writing: Future | None = None
-        try:
-            with ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
-                for part in _batches([product.id for product in products], self.batch_size):
-                    kept, unit = checked_rows(products[part], matrix[part], summary)
-                    rows = Rows(zip(kept, unit, strict=True))
+        with collector_paused():
+            try:
+                with ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
+                    for part in _batches([product.id for product in products], self.batch_size):
+                        kept, unit = checked_rows(products[part], matrix[part], summary)
+                        rows = Rows(zip(kept, unit, strict=True))
+                        if writing is not None:
+                            summary.add(writing.result())
+                        writing = writer.submit(self._commit, rows, applying)
                     if writing is not None:
                         summary.add(writing.result())
-                    writing = writer.submit(self._commit, rows, applying)
-                if writing is not None:
-                    summary.add(writing.result())
-        finally:
-            wait(applying)  # whatever happened, what was committed is applied
+            finally:
+                wait(applying)  # whatever happened, what was committed is applied
         for future in applying:
             future.result()
         return summary

@@ -1,4 +1,5 @@
-"""Background upkeep of a serving engine: following the shared catalog, pruning its deletions log.
+"""Background upkeep of a serving engine: following the shared catalog, pruning its deletions
+log, and checkpointing a SQLite catalog's write-ahead log once writes pause.
 
 Several search processes may share one catalog (PostgreSQL). Each keeps its
 mirror in step by reading the catalog's change log every few seconds: only
@@ -17,6 +18,8 @@ logger = logging.getLogger(__name__)
 
 # Pruning is cheap and retention is counted in days: once an hour is plenty.
 PRUNE_INTERVAL_S = 3600.0
+# Writes have paused once the catalog version stays put this long.
+CHECKPOINT_INTERVAL_S = 1.0
 
 
 async def catch_up_every(engine: SearchEngine, interval_s: float) -> None:
@@ -58,3 +61,37 @@ async def prune_every(
         except Exception:  # noqa: BLE001 - retried at the next interval
             logger.exception("pruning the catalog's deletions log failed")
         await asyncio.sleep(interval_s)
+
+
+async def checkpoint_when_quiet(
+    engine: SearchEngine, interval_s: float = CHECKPOINT_INTERVAL_S
+) -> None:
+    """Copy a SQLite catalog's write-ahead log into its file whenever writes pause.
+
+    Commits only append to the log (see catalog.WAL_AUTOCHECKPOINT_BYTES), so a
+    bulk upsert never stops to copy; this copies once the catalog version has
+    stayed put for `interval_s`, off the write path. Other databases: returns.
+    """
+    if not engine.catalog.checkpoints:
+        return
+    seen, checkpointed = engine.mirror.version, None  # a log left from before: copied too
+    while True:
+        await asyncio.sleep(interval_s)
+        version = engine.mirror.version
+        if version != seen:  # still writing
+            seen = version
+            continue
+        if version == checkpointed:
+            continue
+        try:
+            frames = await asyncio.to_thread(engine.catalog.checkpoint)
+        except VpmError as err:
+            logger.warning("cannot checkpoint the catalog: %s", err.message)
+            continue
+        except Exception:  # noqa: BLE001 - retried once writes pause again
+            logger.exception("checkpointing the catalog failed")
+            continue
+        checkpointed = version
+        logger.debug(
+            "checkpointed the catalog at version %d: %s log frames in the file", version, frames
+        )

@@ -200,6 +200,29 @@ def test_sqlite_inserts_fit_the_library_parameter_limit(
     assert np.array_equal(stored, vectors)
 
 
+def test_sqlite_commits_append_to_the_log_and_a_checkpoint_copies_it(
+    sqlite_url: str, open_catalog: OpenCatalog, tmp_path
+) -> None:
+    catalog = open_catalog(sqlite_url)
+    products, vectors = random_catalog(2000, 64)  # ~0.6 MB of rows
+    database = tmp_path / "catalog.db"
+    before = database.stat().st_size
+    catalog.upsert(pairs(products, vectors))
+    assert database.stat().st_size == before  # committed, in the log only
+    frames, copied = catalog.checkpoint()
+    assert frames == copied > 0
+    assert database.stat().st_size > before + 2000 * 64 * 4
+    # Still whole when read by another connection, after the copy.
+    assert [product for _, product, _ in open_catalog(sqlite_url).products()] == products
+
+
+def test_postgresql_has_no_checkpoint_step(
+    postgres_catalog_url: str, open_catalog: OpenCatalog
+) -> None:
+    catalog = open_catalog(postgres_catalog_url)
+    assert not catalog.checkpoints and catalog.checkpoint() is None
+
+
 def test_unreachable_database_is_unavailable_without_sql(tmp_path) -> None:
     with pytest.raises(Unavailable) as caught:
         Catalog.open("postgresql+psycopg://postgres@127.0.0.1:1/nowhere")

@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from search_service.engine import SearchEngine
-from search_service.upkeep import catch_up_every, prune_every
+from search_service.upkeep import catch_up_every, checkpoint_when_quiet, prune_every
 from tests.search.conftest import random_catalog
 from vpm_common.errors import NotFound
 
@@ -162,3 +162,39 @@ def test_upkeep_loops_catch_up_and_prune_until_cancelled(
 
     seen_after, version = asyncio.run(asyncio.wait_for(run(), 30))
     assert seen_after < 2 and version >= 1
+
+
+def test_upkeep_checkpoints_a_sqlite_catalog_once_writes_pause(
+    sqlite_url: str, open_engine: OpenEngine, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = open_engine(sqlite_url)
+    database = tmp_path / "catalog.db"
+    caplog.set_level(logging.DEBUG, logger="search_service.upkeep")
+
+    async def run() -> list[int]:
+        checkpoints = asyncio.create_task(checkpoint_when_quiet(engine, 0.2))
+        try:
+            sizes = []
+            for start in range(0, 600, 100):  # a write every 0.05 s: never quiet for 0.2 s
+                products, vectors = random_catalog(100, 256, seed=start, prefix=f"b{start}-")
+                await asyncio.to_thread(engine.upsert_products, products, vectors)
+                sizes.append(database.stat().st_size)
+                await asyncio.sleep(0.05)
+            while database.stat().st_size == sizes[0]:
+                await asyncio.sleep(0.02)
+            sizes.append(database.stat().st_size)
+            return sizes
+        finally:
+            checkpoints.cancel()
+
+    sizes = asyncio.run(asyncio.wait_for(run(), 30))
+    assert len(set(sizes[:-1])) == 1  # nothing copied while the writes went on
+    assert sizes[-1] > sizes[0] + 600 * 256 * 4  # then every row
+    assert "checkpointed the catalog at version 6" in caplog.text
+
+
+def test_upkeep_has_nothing_to_checkpoint_on_postgresql(
+    postgres_catalog_url: str, open_engine: OpenEngine
+) -> None:
+    engine = open_engine(postgres_catalog_url)
+    asyncio.run(asyncio.wait_for(checkpoint_when_quiet(engine, 0.01), 5))  # returns at once

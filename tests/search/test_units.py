@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 
 import numpy as np
 import pytest
 
+from search_service.collector import collector_paused
 from search_service.filters import FilterIndex, parse_filters
 from search_service.models import Product
 from search_service.rwlock import ReadWriteLock
@@ -160,3 +162,36 @@ def test_cache_and_catch_up_settings_come_from_flags_or_variables_and_name_the_k
         with pytest.raises(SettingsError) as caught:
             load_settings(SearchSettings, "VPM_SEARCH_", [flag], {})
         assert str(caught.value).startswith(message), flag
+
+
+def test_the_collector_pauses_until_the_last_holder_leaves() -> None:
+    assert gc.isenabled()
+    first_in, second_out = threading.Event(), threading.Event()
+    seen = []
+
+    def other() -> None:
+        with collector_paused():
+            first_in.set()
+            second_out.wait(5)
+            seen.append(gc.isenabled())
+
+    thread = threading.Thread(target=other)
+    with pytest.raises(RuntimeError), collector_paused():
+        thread.start()
+        first_in.wait(5)
+        assert not gc.isenabled()
+        raise RuntimeError("the body's error goes through")
+    assert not gc.isenabled()  # the other holder is still inside
+    second_out.set()
+    thread.join(5)
+    assert seen == [False] and gc.isenabled()
+
+
+def test_a_collector_found_off_stays_off() -> None:
+    gc.disable()
+    try:
+        with collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
