@@ -333,8 +333,9 @@ class SearchEngine:
 
         Batches of `batch_size` (cut before an id repeated within one, so the last
         wins) are checked here while the batch before is committed on a writer
-        thread, and the one before that is applied to the index. The garbage
-        collector pauses meanwhile (see `collector_paused`).
+        thread, and the one before that is applied to the index (which makes room
+        for all of them at the first). The garbage collector pauses meanwhile (see
+        `collector_paused`).
         """
         self._require_loaded()
         products = list(products)
@@ -348,9 +349,11 @@ class SearchEngine:
                     for part in _batches([product.id for product in products], self.batch_size):
                         kept, unit = checked_rows(products[part], matrix[part], summary)
                         rows = Rows(zip(kept, unit, strict=True))
+                        # The first batch's apply makes room in the index for them all.
+                        reserve = len(products) if writing is None else 0
                         if writing is not None:
                             summary.add(writing.result())
-                        writing = writer.submit(self._commit, rows, applying)
+                        writing = writer.submit(self._commit, rows, applying, reserve)
                     if writing is not None:
                         summary.add(writing.result())
             finally:
@@ -388,9 +391,10 @@ class SearchEngine:
             ready.extend(await self._encode(images, summary))
         return ready
 
-    def _commit(self, rows: Rows, applying: list[Future]) -> UpsertSummary:
+    def _commit(self, rows: Rows, applying: list[Future], reserve: int = 0) -> UpsertSummary:
         """Commit checked (product, unit vector) pairs with distinct ids in one transaction,
-        and queue their application to the mirror (appended to `applying`).
+        and queue their application to the mirror (appended to `applying`), making
+        room in the index for `reserve` vectors first.
 
         The writer lock orders commits; the single applier thread applies them in
         that order, so the next batch commits while this one is applied.
@@ -400,7 +404,7 @@ class SearchEngine:
         with self._writer:
             write = self.catalog.upsert(rows)
             if write.committed:
-                applying.append(self._applier.submit(self._apply, rows.items, write))
+                applying.append(self._applier.submit(self._apply, rows.items, write, reserve))
         kinds = Counter(outcome.kind for outcome in write.outcomes)
         failures = [
             ItemFailure(product.id, outcome.error.code, outcome.error.message)
@@ -411,14 +415,16 @@ class SearchEngine:
             kinds["inserted"], kinds["updated"], kinds["unchanged"], failures, write.version
         )
 
-    def _apply(self, items: list[tuple[Product, np.ndarray]], write: UpsertWrite) -> None:
+    def _apply(
+        self, items: list[tuple[Product, np.ndarray]], write: UpsertWrite, reserve: int = 0
+    ) -> None:
         """Bring a committed upsert's inserted and updated products into the mirror."""
         changes: list[Change] = [
             (outcome.key, product, vector if outcome.vector_changed else None)
             for (product, vector), outcome in zip(items, write.outcomes, strict=True)
             if outcome.kind in ("inserted", "updated")
         ]
-        self.mirror.apply(write.version, changes, write.model_id, write.dim)
+        self.mirror.apply(write.version, changes, write.model_id, write.dim, reserve)
 
     def _require_loaded(self) -> None:
         if not self.loaded:

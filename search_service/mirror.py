@@ -259,8 +259,13 @@ class CatalogMirror:
         changes: Sequence[Change],
         model_id: str | None,
         dim: int | None,
+        reserve: int = 0,
     ) -> None:
-        """Apply this process's own committed batch, which took the catalog to `version`."""
+        """Apply this process's own committed batch, which took the catalog to `version`.
+
+        `reserve`: room to make in the index first, in one step, for these vectors
+        and those of the batches that follow in the same upsert.
+        """
         if version != self.version + 1:
             # Another writer committed in between: read everything since, ours included.
             self.catch_up()
@@ -268,6 +273,8 @@ class CatalogMirror:
         codes = self.filters.encode([product for _, product, _ in changes])
         with self.lock.write():
             self._set_model(model_id, dim)
+            if reserve and self.index is not None:
+                self.index.reserve(reserve)
             self._put(changes, codes)
             self.version = version
         self._train_if_ready()

@@ -98,6 +98,38 @@ def test_put_replaces_and_remove_forgets() -> None:
     assert index.keys().tolist() == [k for k in range(100) if k not in (5, 6)]
 
 
+def _storage_addresses(index: VectorIndex) -> list[int]:
+    """Where the exact copy and each float16 shard keep their vectors."""
+    parts = [index._exact, *index._coarse]  # noqa: SLF001 - the storage is the point here
+    return [
+        faiss.rev_swig_ptr(faiss.downcast_index(part.index).codes.data(), 1).ctypes.data
+        for part in parts
+    ]
+
+
+@pytest.mark.parametrize("reserved", [0, 1000])
+def test_reserve_makes_room_once_and_the_adds_stay_exact(reserved: int) -> None:
+    vectors = unit_rows(1010, 16)
+    index = VectorIndex(16, scan_threads=2)
+    index.put(np.arange(10), vectors[:10])
+    index.reserve(reserved)
+    assert len(index) == 10  # room, not vectors
+    before = _storage_addresses(index)
+    for start in range(10, 1010, 100):
+        index.put(np.arange(start, start + 100), vectors[start : start + 100])
+    assert (_storage_addresses(index) == before) == (reserved > 0)  # no move once reserved
+    assert np.array_equal(index.vectors(np.arange(1010)), vectors)
+    found, scores = index.search(vectors[500], 3)
+    assert found[0] == 500 and scores[0] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_reserve_leaves_approximate_indexes_alone() -> None:
+    index = VectorIndex(16, "HNSW8")
+    index.reserve(1000)
+    index.put(np.arange(50), unit_rows(50, 16))
+    assert len(index) == 50
+
+
 def test_snapshot_round_trip_keeps_vectors_and_meta(tmp_path: Path, flat_10k: tuple) -> None:
     index, keys, vectors = flat_10k
     path = tmp_path / "index.snapshot"
