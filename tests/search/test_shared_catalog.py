@@ -172,15 +172,15 @@ def test_upkeep_checkpoints_a_sqlite_catalog_once_writes_pause(
     caplog.set_level(logging.DEBUG, logger="search_service.upkeep")
 
     async def run() -> list[int]:
-        checkpoints = asyncio.create_task(checkpoint_when_quiet(engine, 0.2))
+        checkpoints = asyncio.create_task(checkpoint_when_quiet(engine, 0.3))
         try:
             sizes = []
-            for start in range(0, 600, 100):  # a write every 0.05 s: never quiet for 0.2 s
-                products, vectors = random_catalog(100, 256, seed=start, prefix=f"b{start}-")
+            for start in range(0, 600, 50):  # a write every ~0.05 s, past two quiet checks
+                products, vectors = random_catalog(50, 256, seed=start, prefix=f"b{start}-")
                 await asyncio.to_thread(engine.upsert_products, products, vectors)
                 sizes.append(database.stat().st_size)
                 await asyncio.sleep(0.05)
-            while database.stat().st_size == sizes[0]:
+            while "checkpointed the catalog at" not in caplog.text:  # done, not just begun
                 await asyncio.sleep(0.02)
             sizes.append(database.stat().st_size)
             return sizes
@@ -190,7 +190,7 @@ def test_upkeep_checkpoints_a_sqlite_catalog_once_writes_pause(
     sizes = asyncio.run(asyncio.wait_for(run(), 30))
     assert len(set(sizes[:-1])) == 1  # nothing copied while the writes went on
     assert sizes[-1] > sizes[0] + 600 * 256 * 4  # then every row
-    assert "checkpointed the catalog at version 6" in caplog.text
+    assert "checkpointed the catalog at version 12" in caplog.text
 
 
 def test_upkeep_has_nothing_to_checkpoint_on_postgresql(
