@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from search_service.migrate import upgrade_to_head
 from search_service.models import METADATA_FIELDS, Product
 from search_service.schema import catalog_state, deletions, products
-from search_service.vectors import check_model, from_bytes, to_bytes
+from search_service.vectors import STORED, check_model, from_bytes, to_bytes
 from vpm_common.errors import FailedPrecondition, Unavailable
 
 logger = logging.getLogger(__name__)
@@ -294,7 +294,7 @@ class Catalog:
             if page:
                 keys = np.fromiter((row.row_key for row in page), np.int64, len(page))
                 blob = b"".join(row.vector for row in page)
-                yield keys, np.frombuffer(blob, dtype="<f4").reshape(len(page), -1)
+                yield keys, np.frombuffer(blob, dtype=STORED).reshape(len(page), -1)
             if len(page) < PAGE_SIZE:
                 return
             last = page[-1].row_key
