@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 
+from search_service import catalog as catalog_module
 from search_service.catalog import Catalog, create_catalog_engine
 from search_service.migrate import alembic_config, upgrade_to_head
 from search_service.models import Product
@@ -113,6 +114,33 @@ def test_upsert_classifies_and_stores_exact_vectors(
     assert catalog.get("p1")[1].name == "New name"
     assert catalog.get("nope") is None
     assert catalog.count() == 300
+
+
+ODD_IDS = ['a"b', "back\\slash", "tab\tid", "é-ünï", "日本", "[1]", "null", " spaced "]
+
+
+@pytest.mark.parametrize("json_lookup", [True, False], ids=["json ids", "IN chunks"])
+def test_existing_ids_are_found_whatever_their_characters(
+    sqlite_url: str,
+    open_catalog: OpenCatalog,
+    json_lookup: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SQLite looks a batch's ids up as one JSON array, or in IN chunks without json_each."""
+    monkeypatch.setattr(catalog_module, "SQLITE_HAS_JSON", json_lookup)
+    catalog = open_catalog(sqlite_url)
+    products, vectors = random_catalog(len(ODD_IDS) + 1200, 4)  # more than one IN chunk
+    products = [
+        dataclasses.replace(product, id=ODD_IDS[i]) if i < len(ODD_IDS) else product
+        for i, product in enumerate(products)
+    ]
+    catalog.upsert(pairs(products, vectors))
+    again = catalog.upsert(pairs(products, vectors))
+    assert {o.kind for o in again.outcomes} == {"unchanged"} and catalog.count() == len(products)
+    renamed = [dataclasses.replace(p, name="renamed") for p in products[: len(ODD_IDS)]]
+    third = catalog.upsert(pairs(renamed, vectors[: len(ODD_IDS)]))
+    assert [o.kind for o in third.outcomes] == ["updated"] * len(ODD_IDS)
+    assert catalog.get('a"b')[1].name == "renamed" and catalog.count() == len(products)
 
 
 def test_nothing_changed_keeps_the_version(catalog_url: str, open_catalog: OpenCatalog) -> None:
