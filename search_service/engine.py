@@ -343,6 +343,8 @@ class SearchEngine:
         summary = UpsertSummary(catalog_version=self.mirror.version)
         applying: list[Future] = []
         writing: Future | None = None
+        with self.mirror.lock.read():  # room only for new ids: an update reuses its own
+            new = sum(product.id not in self.mirror.keys for product in products)
         with collector_paused():
             try:
                 with ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
@@ -350,7 +352,7 @@ class SearchEngine:
                         kept, unit = checked_rows(products[part], matrix[part], summary)
                         rows = Rows(zip(kept, unit, strict=True))
                         # The first batch's apply makes room in the index for them all.
-                        reserve = len(products) if writing is None else 0
+                        reserve = new if writing is None else 0
                         if writing is not None:
                             summary.add(writing.result())
                         writing = writer.submit(self._commit, rows, applying, reserve)

@@ -244,6 +244,27 @@ def test_bulk_upsert_fails_bad_rows_alone_and_cuts_batches_at_repeats(
         engine.upsert_products(products, vectors[:4])
 
 
+def test_bulk_upsert_makes_room_in_the_index_for_new_ids_only(
+    open_engine: OpenEngine, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = open_engine(sqlite_url, batch_size=100)
+    asked: list[int] = []
+    reserve = VectorIndex.reserve
+    monkeypatch.setattr(
+        VectorIndex, "reserve", lambda index, extra: (asked.append(extra), reserve(index, extra))
+    )
+    products, vectors = random_catalog(310, 8)
+    engine.upsert_products(products[:300], vectors[:300])
+    assert asked == [300]  # once, at the first batch, for the whole upsert
+    # A re-send with one vector changed and 10 new products: room for the 10.
+    summary = engine.upsert_products(products, np.vstack([-vectors[:1], vectors[1:]]))
+    assert (summary.inserted, summary.updated, summary.unchanged) == (10, 1, 299)
+    assert asked == [300, 10]
+    assert engine.index_keys().size == 310
+    best = engine.search_vector(-vectors[0], top_k=1).matches[0]
+    assert best.product.id == "p0" and best.score == pytest.approx(1.0, abs=1e-6)
+
+
 def test_restart_loads_the_snapshot_and_catches_up(
     catalog_url: str, open_engine: OpenEngine, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
