@@ -126,7 +126,8 @@ def test_existing_ids_are_found_whatever_their_characters(
     json_lookup: bool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """SQLite looks a batch's ids up as one JSON array, or in IN chunks without json_each."""
+    """SQLite looks a batch's ids up (to upsert or delete) as one JSON array, or in IN chunks
+    without json_each."""
     monkeypatch.setattr(catalog_module, "SQLITE_HAS_JSON", json_lookup)
     catalog = open_catalog(sqlite_url)
     products, vectors = random_catalog(len(ODD_IDS) + 1200, 4)  # more than one IN chunk
@@ -141,6 +142,9 @@ def test_existing_ids_are_found_whatever_their_characters(
     third = catalog.upsert(pairs(renamed, vectors[: len(ODD_IDS)]))
     assert [o.kind for o in third.outcomes] == ["updated"] * len(ODD_IDS)
     assert catalog.get('a"b')[1].name == "renamed" and catalog.count() == len(products)
+    deleted = catalog.delete([*ODD_IDS, "absent"])
+    assert sorted(pid for _, pid in deleted.deleted) == sorted(ODD_IDS)
+    assert deleted.not_found == ["absent"] and catalog.count() == 1200
 
 
 def test_nothing_changed_keeps_the_version(catalog_url: str, open_catalog: OpenCatalog) -> None:
