@@ -80,9 +80,13 @@ class Rows:
     version) is added there.
     """
 
-    def __init__(self, items: Iterable[tuple[Product, np.ndarray]]) -> None:
+    def __init__(
+        self, items: Iterable[tuple[Product, np.ndarray]], matrix: np.ndarray | None = None
+    ) -> None:
         self.items = list(items)
         self.values = [row_values(product, vector) for product, vector in self.items]
+        # The items' vectors as the rows of one matrix, when the caller holds them so.
+        self.matrix = matrix
 
     def __len__(self) -> int:
         return len(self.items)

@@ -260,22 +260,26 @@ class CatalogMirror:
         model_id: str | None,
         dim: int | None,
         reserve: int = 0,
+        vectors: np.ndarray | None = None,
     ) -> None:
         """Apply this process's own committed batch, which took the catalog to `version`.
 
         `reserve`: room to make in the index first, in one step, for these vectors
-        and those of the batches that follow in the same upsert.
+        and those of the batches that follow in the same upsert. `vectors`: the
+        changes' vectors (those not None, in order) as one matrix, when the
+        caller holds them so.
         """
         if version != self.version + 1:
             # Another writer committed in between: read everything since, ours included.
             self.catch_up()
             return
         codes = self.filters.encode([product for _, product, _ in changes])
+        stacked = _stacked(changes, vectors)
         with self.lock.write():
             self._set_model(model_id, dim)
             if reserve and self.index is not None:
                 self.index.reserve(reserve)
-            self._put(changes, codes)
+            self._put(changes, codes, stacked)
             self.version = version
         self._train_if_ready()
 
@@ -315,11 +319,12 @@ class CatalogMirror:
             if change[1].model_id == state.model_id and change[2].size == state.dim
         ]
         codes = self.filters.encode([product for _, product, _ in changed])
+        stacked = _stacked(changed)
         with self.lock.write():
             # Deletions first: an emptied catalog's new model then gets a fresh index.
             self._drop(deleted)
             self._set_model(state.model_id, state.dim)
-            self._put(changed, codes)
+            self._put(changed, codes, stacked)
             self.version = state.version
         logger.info(
             "caught up from catalog version %d to %d: %d products changed, %d deleted",
@@ -366,8 +371,14 @@ class CatalogMirror:
             self.index = self._new_index(dim)
         self.model_id, self.dim = model_id, dim
 
-    def _put(self, changes: Sequence[Change], codes: dict[str, np.ndarray]) -> None:
-        """Record changed products, their filter `codes` and their vectors (write lock held)."""
+    def _put(
+        self,
+        changes: Sequence[Change],
+        codes: dict[str, np.ndarray],
+        vectors: tuple[np.ndarray, np.ndarray] | None,
+    ) -> None:
+        """Record changed products, their filter `codes` and their `_stacked` vectors
+        (write lock held)."""
         if not changes:
             return
         moved = [
@@ -384,10 +395,8 @@ class CatalogMirror:
             self.records[key] = product
             self.keys[product.id] = key
         self.filters.put(keys, codes)
-        with_vectors = [(key, vector) for key, _, vector in changes if vector is not None]
-        if self.index is not None and self.index.is_trained and with_vectors:
-            vector_keys = np.fromiter((key for key, _ in with_vectors), np.int64, len(with_vectors))
-            self.index.put(vector_keys, np.stack([vector for _, vector in with_vectors]))
+        if self.index is not None and self.index.is_trained and vectors is not None:
+            self.index.put(*vectors)
 
     def _drop(self, keys: np.ndarray) -> None:
         """Forget products by key (write lock held); unknown keys are ignored."""
@@ -411,3 +420,19 @@ class CatalogMirror:
         built = self._build(self.catalog.state())
         with self.lock.write():
             self.index = built
+
+
+def _stacked(
+    changes: Sequence[Change], matrix: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The keys and vectors of the changes that carry one (None: none do), the
+    vectors stacked into one matrix unless given as one (`matrix`)."""
+    with_vectors = [(key, vector) for key, _, vector in changes if vector is not None]
+    if not with_vectors:
+        return None
+    keys = np.fromiter((key for key, _ in with_vectors), np.int64, len(with_vectors))
+    if matrix is None:
+        matrix = np.stack([vector for _, vector in with_vectors])
+    elif len(matrix) != len(keys):
+        raise ValueError(f"{len(matrix)} vectors given for {len(keys)} changed vectors")
+    return keys, matrix

@@ -65,7 +65,8 @@ def unit_rows(matrix: np.ndarray, field: str) -> tuple[np.ndarray, dict[int, Inv
     not finite, zero, or near overflow or underflow go one by one through
     `unit_vector` (float64), which either normalizes them or names the problem.
     """
-    norms = np.linalg.norm(matrix, axis=1)
+    # einsum sums the squares without np.linalg.norm's temporary copy of the matrix.
+    norms = np.sqrt(np.einsum("ij,ij->i", matrix, matrix))
     good = np.isfinite(norms) & (norms > 1e-18) & (norms < 1e18)
     if good.all():
         return matrix / norms[:, None], {}

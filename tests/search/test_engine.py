@@ -265,6 +265,32 @@ def test_bulk_upsert_makes_room_in_the_index_for_new_ids_only(
     assert best.product.id == "p0" and best.score == pytest.approx(1.0, abs=1e-6)
 
 
+def test_a_failed_bulk_commit_leaves_catalog_and_index_agreeing(
+    open_engine: OpenEngine, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = open_engine(sqlite_url, batch_size=100)
+    products, vectors = random_catalog(500, 8)
+    commits: list[int] = []
+    upsert = engine.catalog.upsert
+
+    def third_fails(rows):  # a fault injected into the real catalog's third commit
+        commits.append(len(rows))
+        if len(commits) == 3:
+            raise Unavailable("the catalog database is unavailable; retry later")
+        return upsert(rows)
+
+    monkeypatch.setattr(engine.catalog, "upsert", third_fails)
+    with pytest.raises(Unavailable):
+        engine.upsert_products(products, vectors)
+    # The fourth batch was queued behind the third and committed; the fifth never started.
+    assert commits == [100, 100, 100, 100]
+    assert engine.catalog.count() == engine.index_keys().size == 300
+    assert engine.mirror.version == engine.catalog.state().version
+    summary = engine.upsert_products(products, vectors)  # the re-send converges
+    assert (summary.inserted, summary.unchanged) == (200, 300)
+    assert engine.catalog.count() == engine.index_keys().size == 500
+
+
 def test_restart_loads_the_snapshot_and_catches_up(
     catalog_url: str, open_engine: OpenEngine, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
