@@ -127,7 +127,7 @@ async def _snapshot_every(engine: SearchEngine, interval_s: float) -> None:
         await asyncio.sleep(interval_s)
         try:
             await asyncio.to_thread(engine.save_snapshot)
-        except OSError as err:
+        except (OSError, Unavailable) as err:
             logger.error("index snapshot failed: %s", err)
 
 

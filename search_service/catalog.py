@@ -12,6 +12,7 @@ import functools
 import itertools
 import json
 import logging
+import os
 import sqlite3
 import time
 import uuid
@@ -205,6 +206,9 @@ class Catalog:
 
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
+        self._log_path: Path | None = None  # see _deferred_log
+        self._log_known = False
+        self._log_entry_synced: int | None = None  # inode of the last log synced with its folder
 
     @classmethod
     def open(cls, url: str, sqlite_synchronous: str = "FULL", pool_size: int = 8) -> Catalog:
@@ -226,6 +230,59 @@ class Catalog:
     def url(self) -> str:
         """The URL with any password masked."""
         return display_url(self.engine.url)
+
+    def sync(self) -> None:
+        """Make every transaction committed so far durable, those of `upsert(durable=False)` too.
+
+        SQLite with synchronous FULL: one fsync of the write-ahead log, which
+        holds every commit not yet copied into the database file (a copy syncs
+        first), and of its folder once per new log file, as SQLite does when its
+        own commit creates one. Nothing to do elsewhere: each commit was durable
+        already. Unavailable when the operating system reports a failed write.
+        """
+        path = self._deferred_log()
+        if path is None:
+            return
+        try:
+            descriptor = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return  # no log: the last connection to close copied it in, synced, and removed it
+        except OSError as err:
+            logger.error("catalog sync failed: cannot open %s: %s", path, err)
+            raise Unavailable("the catalog could not be synced to disk; retry later") from None
+        try:
+            os.fsync(descriptor)
+            inode = os.fstat(descriptor).st_ino
+            if inode != self._log_entry_synced:
+                folder = os.open(path.parent, os.O_RDONLY)
+                try:
+                    os.fsync(folder)
+                finally:
+                    os.close(folder)
+                self._log_entry_synced = inode
+        except OSError as err:
+            logger.error("catalog sync failed: fsync of %s: %s", path, err)
+            raise Unavailable("the catalog could not be synced to disk; retry later") from None
+        finally:
+            os.close(descriptor)
+
+    @_guarded
+    def _deferred_log(self) -> Path | None:
+        """The write-ahead log that `sync` flushes: SQLite files at synchronous FULL
+        (or EXTRA) only; found once."""
+        if not self._log_known:
+            if self.checkpoints:
+                with self.engine.connect() as conn:
+                    cursor = conn.connection.dbapi_connection.cursor()
+                    try:
+                        level = cursor.execute("PRAGMA synchronous").fetchone()[0]
+                        files = {row[1]: row[2] for row in cursor.execute("PRAGMA database_list")}
+                    finally:
+                        cursor.close()
+                if level >= 2 and files.get("main"):  # 2 FULL, 3 EXTRA; "": in memory
+                    self._log_path = Path(files["main"] + "-wal")
+            self._log_known = True
+        return self._log_path
 
     def close(self) -> None:
         self.engine.dispose()
@@ -320,17 +377,28 @@ class Catalog:
     # -- writes --------------------------------------------------------------------------
 
     @_guarded
-    def upsert(self, items: Rows | Sequence[tuple[Product, np.ndarray]]) -> UpsertWrite:
+    def upsert(
+        self, items: Rows | Sequence[tuple[Product, np.ndarray]], durable: bool = True
+    ) -> UpsertWrite:
         """Insert or replace (product, unit vector) pairs, distinct ids, in one transaction.
 
         A product whose model or dimension differs from the catalog's fails alone
         (FAILED_PRECONDITION); an empty catalog takes the model of its first product.
+        `durable=False`: the commit may return before it is on disk (SQLite at
+        synchronous FULL commits this one at NORMAL: consistent after a power
+        loss, but it may be lost); `sync` makes it durable. For a caller that
+        commits several batches before acknowledging any, and syncs before it does.
         """
         rows = items if isinstance(items, Rows) else Rows(items)
         ids = [product.id for product, _vector in rows.items]
         if len(set(ids)) != len(ids):
             raise ValueError("one upsert call takes each product id once")
-        with self.engine.connect() as conn, conn.begin() as transaction:
+        deferred = not durable and self._deferred_log() is not None
+        with self.engine.connect() as conn, _safety(conn, "NORMAL" if deferred else None):
+            return self._upsert(conn, rows, ids)
+
+    def _upsert(self, conn: sa.Connection, rows: Rows, ids: list[str]) -> UpsertWrite:
+        with conn.begin() as transaction:
             state = _bump_version(conn)
             version, model, dim = state.version, state.model_id, state.dim
             if rows.items:
@@ -449,6 +517,29 @@ class Catalog:
                 catalog_state.update().where(catalog_state.c.id == 1).values(pruned_version=newest)
             )
         return removed.rowcount, newest
+
+
+@contextmanager
+def _safety(conn: sa.Connection, level: str | None) -> Iterator[None]:
+    """SQLite: the connection's synchronous level is `level` inside (None: unchanged).
+
+    SQLite refuses the change inside a transaction, so it goes to the driver's
+    connection before SQLAlchemy begins one, and back before the connection
+    returns to the pool.
+    """
+    if level is None:
+        yield
+        return
+    dbapi = conn.connection.dbapi_connection
+    before = dbapi.execute("PRAGMA synchronous").fetchone()[0]
+    dbapi.execute(f"PRAGMA synchronous = {level}")
+    try:
+        yield
+    finally:
+        try:
+            dbapi.execute(f"PRAGMA synchronous = {before}")
+        except sqlite3.Error:
+            conn.invalidate()  # never back in the pool at the wrong level
 
 
 def _state(conn: sa.Connection) -> CatalogState:

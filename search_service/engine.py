@@ -86,6 +86,8 @@ class SearchEngine:
         self._executor = ThreadPoolExecutor(
             search_threads, thread_name_prefix="search", initializer=single_threaded
         )
+        # Makes an upsert's batches durable beside its next commits (see _commit).
+        self._syncer = ThreadPoolExecutor(1, thread_name_prefix="sync")
         self.loaded = False
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -146,6 +148,7 @@ class SearchEngine:
             self.save_snapshot()
         finally:
             self._applier.shutdown(wait=True)
+            self._syncer.shutdown(wait=True)
             self._executor.shutdown(wait=True)
             self.catalog.close()
 
@@ -284,7 +287,8 @@ class SearchEngine:
     # -- writes --------------------------------------------------------------------------
 
     async def upsert(self, items: AsyncIterable[UpsertItem]) -> UpsertSummary:
-        """Apply a stream of products in batches; the summary comes once all are committed.
+        """Apply a stream of products in batches; the summary comes once all are committed,
+        applied and synced (see `_commit`'s durable).
 
         Batches are pipelined: one is checked and encoded while the one before is
         written. An id sent twice is applied in order (the batch is cut before
@@ -293,7 +297,7 @@ class SearchEngine:
         self._require_loaded()
         summary = UpsertSummary(catalog_version=self.mirror.version)
         writing: asyncio.Future | None = None  # the previous batch's commit
-        applying: list[Future] = []  # commits queued for the mirror
+        applying: list[Future] = []  # what the commits queued: applies to the mirror, syncs
 
         async def flush(batch: list[UpsertItem]) -> None:
             nonlocal writing
@@ -302,7 +306,7 @@ class SearchEngine:
                 summary.add(await writing)
 
             def commit() -> UpsertSummary:  # the rows are built there too, off the event loop
-                return self._commit(Rows(prepared), applying)
+                return self._commit(Rows(prepared), applying, durable=False)
 
             writing = asyncio.ensure_future(asyncio.to_thread(commit))
 
@@ -339,7 +343,8 @@ class SearchEngine:
         when this thread gets to hand it over (gaps of ~15 ms a batch otherwise,
         measured); hence when a commit fails, the batch queued behind it may
         still commit before the error is raised: a re-send converges either way.
-        The garbage collector pauses meanwhile (see `collector_paused`).
+        The summary comes once every batch is applied and synced (see `_commit`'s
+        durable). The garbage collector pauses meanwhile (see `collector_paused`).
         """
         self._require_loaded()
         products = list(products)
@@ -357,14 +362,14 @@ class SearchEngine:
                         rows = Rows(zip(kept, unit, strict=True), unit)
                         # The first batch's apply makes room in the index for them all.
                         reserve = new if writing is None else 0
-                        queued = writer.submit(self._commit, rows, applying, reserve)
+                        queued = writer.submit(self._commit, rows, applying, reserve, False)
                         if writing is not None:
                             summary.add(writing.result())
                         writing = queued
                     if writing is not None:
                         summary.add(writing.result())
             finally:
-                wait(applying)  # whatever happened, what was committed is applied
+                wait(applying)  # whatever happened, what was committed is applied and synced
         for future in applying:
             future.result()
         return summary
@@ -398,20 +403,29 @@ class SearchEngine:
             ready.extend(await self._encode(images, summary))
         return ready
 
-    def _commit(self, rows: Rows, applying: list[Future], reserve: int = 0) -> UpsertSummary:
+    def _commit(
+        self, rows: Rows, applying: list[Future], reserve: int = 0, durable: bool = True
+    ) -> UpsertSummary:
         """Commit checked (product, unit vector) pairs with distinct ids in one transaction,
         and queue their application to the mirror (appended to `applying`), making
         room in the index for `reserve` vectors first.
 
         The writer lock orders commits; the single applier thread applies them in
         that order, so the next batch commits while this one is applied.
+        `durable=False`: the commit need not reach the disk before the next one
+        starts; a sync of the catalog is queued instead (appended to `applying`
+        too), so the caller must wait for `applying` before it acknowledges.
+        SQLite at synchronous FULL thus fsyncs its log on the sync thread, beside
+        the next commit, not inside each commit (+12% products/s, measured).
         """
         if not rows:
             return UpsertSummary(catalog_version=self.mirror.version)
         with self._writer:
-            write = self.catalog.upsert(rows)
+            write = self.catalog.upsert(rows, durable)
             if write.committed:
                 applying.append(self._applier.submit(self._apply, rows, write, reserve))
+                if not durable:
+                    applying.append(self._syncer.submit(self.catalog.sync))
         kinds = Counter(outcome.kind for outcome in write.outcomes)
         failures = [
             ItemFailure(product.id, outcome.error.code, outcome.error.message)

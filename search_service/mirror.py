@@ -145,6 +145,10 @@ class CatalogMirror:
                 }
                 arrays = index.snapshot_arrays(meta)
             started = time.monotonic()
+            # What the snapshot holds is on disk first: after a power loss, a snapshot
+            # never holds products the catalog lost (they may not be synced yet, see
+            # Catalog.upsert's durable).
+            self.catalog.sync()
             write_snapshot(self.snapshot_path, arrays)
             self._snapshot_version = version
             logger.info(

@@ -64,7 +64,8 @@ class SearchSettings(ServerGuards):
     batch_size: int = setting(5000, "products committed per catalog transaction")
     sqlite_synchronous: str = setting(
         "FULL",
-        "SQLite commit durability: FULL survives power loss, NORMAL only process crashes; "
+        "SQLite durability: FULL, an acknowledged write survives power loss (an upsert's "
+        "batches are synced before it returns); NORMAL, only process crashes; "
         "ignored for other databases",
         choices=("FULL", "NORMAL"),
     )

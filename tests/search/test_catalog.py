@@ -255,6 +255,78 @@ def test_postgresql_has_no_checkpoint_step(
     assert not catalog.checkpoints and catalog.checkpoint() is None
 
 
+def _synchronous_at_inserts(catalog: Catalog) -> list[int]:
+    """The connection's synchronous level whenever the catalog sends an INSERT."""
+    seen: list[int] = []
+
+    @sa.event.listens_for(catalog.engine, "before_cursor_execute")
+    def record(conn, _cursor, statement, *_args) -> None:
+        if statement.startswith("INSERT"):
+            level = conn.connection.dbapi_connection.execute("PRAGMA synchronous").fetchone()
+            seen.append(level[0])
+
+    return seen
+
+
+def test_sqlite_commits_at_normal_when_not_durable_and_sync_fsyncs_the_log(
+    sqlite_url: str, open_catalog: OpenCatalog, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    catalog = open_catalog(sqlite_url)
+    levels = _synchronous_at_inserts(catalog)
+    products, vectors = random_catalog(20, 8)
+    catalog.upsert(pairs(products[:10], vectors[:10]), durable=False)
+    catalog.upsert(pairs(products[10:], vectors[10:]))
+    assert levels == [1, 2]  # NORMAL for the deferred commit only, FULL (the default) after
+    with catalog.engine.connect() as conn:  # the pooled connection went back at FULL
+        assert conn.connection.dbapi_connection.execute("PRAGMA synchronous").fetchone() == (2,)
+
+    # The disk cannot be watched here: os.fsync is recorded (and still run) instead.
+    synced: list[str] = []
+    fsync = catalog_module.os.fsync
+
+    def recording_fsync(descriptor: int) -> None:
+        synced.append(catalog_module.os.readlink(f"/proc/self/fd/{descriptor}"))
+        fsync(descriptor)
+
+    monkeypatch.setattr(catalog_module.os, "fsync", recording_fsync)
+    catalog.sync()
+    catalog.sync()
+    # The log, and its folder's entry once per log file.
+    log = str(tmp_path / "catalog.db-wal")
+    assert synced == [log, str(tmp_path), log]
+
+    def failing_fsync(_descriptor: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(catalog_module.os, "fsync", failing_fsync)
+    with pytest.raises(Unavailable, match="could not be synced to disk; retry later"):
+        catalog.sync()
+    catalog.engine.dispose()  # the last connection closes: SQLite copies the log in and drops it
+    assert not (tmp_path / "catalog.db-wal").exists()
+    catalog.sync()  # nothing left to sync: no error
+
+
+@pytest.mark.parametrize("kind", ["postgresql", "sqlite NORMAL", "sqlite in memory"])
+def test_catalogs_durable_at_each_commit_have_nothing_to_sync(
+    kind: str, request: pytest.FixtureRequest, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if kind == "postgresql":
+        catalog = Catalog.open(request.getfixturevalue("postgres_catalog_url"))
+    elif kind == "sqlite NORMAL":
+        catalog = Catalog.open(f"sqlite:///{tmp_path}/catalog.db", sqlite_synchronous="NORMAL")
+    else:
+        catalog = Catalog.open("sqlite:///:memory:")
+    levels = _synchronous_at_inserts(catalog) if catalog.checkpoints else []
+    monkeypatch.setattr(catalog_module.os, "fsync", lambda _descriptor: pytest.fail("fsync"))
+    products, vectors = random_catalog(5, 8)
+    assert catalog.upsert(pairs(products, vectors), durable=False).committed
+    catalog.sync()
+    assert catalog.count() == 5
+    # Each commit at the level configured: no log file to sync, nothing deferred.
+    assert levels == {"sqlite NORMAL": [1], "sqlite in memory": [2]}.get(kind, [])
+    catalog.close()
+
+
 def test_unreachable_database_is_unavailable_without_sql(tmp_path) -> None:
     with pytest.raises(Unavailable) as caught:
         Catalog.open("postgresql+psycopg://postgres@127.0.0.1:1/nowhere")

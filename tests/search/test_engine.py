@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from search_service import mirror as mirror_module
 from search_service.embedder import QueryEmbedder
 from search_service.engine import SearchEngine
 from search_service.index import VectorIndex
@@ -273,11 +274,11 @@ def test_a_failed_bulk_commit_leaves_catalog_and_index_agreeing(
     commits: list[int] = []
     upsert = engine.catalog.upsert
 
-    def third_fails(rows):  # a fault injected into the real catalog's third commit
+    def third_fails(rows, durable=True):  # a fault injected into the real catalog's third commit
         commits.append(len(rows))
         if len(commits) == 3:
             raise Unavailable("the catalog database is unavailable; retry later")
-        return upsert(rows)
+        return upsert(rows, durable)
 
     monkeypatch.setattr(engine.catalog, "upsert", third_fails)
     with pytest.raises(Unavailable):
@@ -289,6 +290,65 @@ def test_a_failed_bulk_commit_leaves_catalog_and_index_agreeing(
     summary = engine.upsert_products(products, vectors)  # the re-send converges
     assert (summary.inserted, summary.unchanged) == (200, 300)
     assert engine.catalog.count() == engine.index_keys().size == 500
+
+
+@pytest.mark.parametrize("path", ["bulk", "stream"])
+def test_upserts_defer_each_commits_sync_and_return_once_synced(
+    open_engine: OpenEngine, sqlite_url: str, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    engine = open_engine(sqlite_url, batch_size=100)
+    products, vectors = random_catalog(450, 8)
+    events: list[str] = []
+    upsert, sync = engine.catalog.upsert, engine.catalog.sync
+
+    def recorded_upsert(rows, durable=True):
+        write = upsert(rows, durable)
+        events.append(f"commit durable={durable}")
+        return write
+
+    def recorded_sync():
+        sync()
+        events.append("sync")
+
+    monkeypatch.setattr(engine.catalog, "upsert", recorded_upsert)
+    monkeypatch.setattr(engine.catalog, "sync", recorded_sync)
+
+    def run(vectors):
+        if path == "bulk":
+            return engine.upsert_products(products, vectors)
+
+        async def stream():
+            for product, vector in zip(products, vectors, strict=True):
+                yield UpsertItem(product, vector)
+
+        return asyncio.run(engine.upsert(stream()))
+
+    assert run(vectors).inserted == 450
+    # Five commits, none waiting for the disk; each queues a sync, and the upsert
+    # returns only after the sync queued by the last commit (the sync thread runs
+    # them in order).
+    assert events.count("commit durable=False") == events.count("sync") == 5
+    assert events[-1] == "sync" and len(events) == 10
+
+    def failing_sync():
+        raise Unavailable("the catalog could not be synced to disk; retry later")
+
+    monkeypatch.setattr(engine.catalog, "sync", failing_sync)
+    with pytest.raises(Unavailable, match="could not be synced"):
+        run(-vectors)  # an upsert whose batches may not be on disk is never acknowledged
+
+
+def test_a_snapshot_is_written_after_a_sync_of_the_catalog(
+    open_engine: OpenEngine, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = open_engine(sqlite_url)
+    products, vectors = random_catalog(20, 8)
+    engine.upsert_products(products, vectors)
+    order: list[str] = []
+    monkeypatch.setattr(engine.catalog, "sync", lambda: order.append("sync"))
+    monkeypatch.setattr(mirror_module, "write_snapshot", lambda *_args: order.append("write"))
+    assert engine.save_snapshot()
+    assert order == ["sync", "write"]  # never a snapshot of products a power loss could undo
 
 
 def test_restart_loads_the_snapshot_and_catches_up(
