@@ -362,7 +362,7 @@ class SearchEngine:
                         rows = Rows(zip(kept, unit, strict=True), unit)
                         # The first batch's apply makes room in the index for them all.
                         reserve = new if writing is None else 0
-                        queued = writer.submit(self._commit, rows, applying, reserve, False)
+                        queued = writer.submit(self._commit, rows, applying, reserve, durable=False)
                         if writing is not None:
                             summary.add(writing.result())
                         writing = queued
