@@ -206,8 +206,6 @@ class Catalog:
 
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
-        self._log_path: Path | None = None  # see _deferred_log
-        self._log_known = False
         self._log_entry_synced: int | None = None  # inode of the last log synced with its folder
 
     @classmethod
@@ -240,49 +238,46 @@ class Catalog:
         own commit creates one. Nothing to do elsewhere: each commit was durable
         already. Unavailable when the operating system reports a failed write.
         """
-        path = self._deferred_log()
+        path = self._deferred_log
         if path is None:
             return
+        try:
+            self._fsync_log(path)
+        except OSError as err:
+            logger.error("catalog sync failed: %s: %s", path, err)
+            raise Unavailable("the catalog could not be synced to disk; retry later") from None
+
+    def _fsync_log(self, path: Path) -> None:
         try:
             descriptor = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             return  # no log: the last connection to close copied it in, synced, and removed it
-        except OSError as err:
-            logger.error("catalog sync failed: cannot open %s: %s", path, err)
-            raise Unavailable("the catalog could not be synced to disk; retry later") from None
         try:
             os.fsync(descriptor)
             inode = os.fstat(descriptor).st_ino
-            if inode != self._log_entry_synced:
-                folder = os.open(path.parent, os.O_RDONLY)
-                try:
-                    os.fsync(folder)
-                finally:
-                    os.close(folder)
-                self._log_entry_synced = inode
-        except OSError as err:
-            logger.error("catalog sync failed: fsync of %s: %s", path, err)
-            raise Unavailable("the catalog could not be synced to disk; retry later") from None
         finally:
             os.close(descriptor)
+        if inode != self._log_entry_synced:
+            folder = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+            self._log_entry_synced = inode
 
+    @functools.cached_property
     @_guarded
     def _deferred_log(self) -> Path | None:
         """The write-ahead log that `sync` flushes: SQLite files at synchronous FULL
-        (or EXTRA) only; found once."""
-        if not self._log_known:
-            if self.checkpoints:
-                with self.engine.connect() as conn:
-                    cursor = conn.connection.dbapi_connection.cursor()
-                    try:
-                        level = cursor.execute("PRAGMA synchronous").fetchone()[0]
-                        files = {row[1]: row[2] for row in cursor.execute("PRAGMA database_list")}
-                    finally:
-                        cursor.close()
-                if level >= 2 and files.get("main"):  # 2 FULL, 3 EXTRA; "": in memory
-                    self._log_path = Path(files["main"] + "-wal")
-            self._log_known = True
-        return self._log_path
+        (or EXTRA) only."""
+        if not self.checkpoints:
+            return None
+        with self.engine.connect() as conn:
+            ((level,),) = _pragma(conn, "synchronous")
+            files = {name: file for _seq, name, file in _pragma(conn, "database_list")}
+        if level >= 2 and files.get("main"):  # 2 FULL, 3 EXTRA; "": in memory
+            return Path(files["main"] + "-wal")
+        return None
 
     def close(self) -> None:
         self.engine.dispose()
@@ -393,7 +388,7 @@ class Catalog:
         ids = [product.id for product, _vector in rows.items]
         if len(set(ids)) != len(ids):
             raise ValueError("one upsert call takes each product id once")
-        deferred = not durable and self._deferred_log() is not None
+        deferred = not durable and self._deferred_log is not None
         with self.engine.connect() as conn, _safety(conn, "NORMAL" if deferred else None):
             return self._upsert(conn, rows, ids)
 
@@ -480,12 +475,7 @@ class Catalog:
         if not self.checkpoints:
             return None
         with self.engine.connect() as conn:
-            # On the driver's connection: SQLAlchemy's would begin a transaction first.
-            cursor = conn.connection.dbapi_connection.cursor()
-            try:
-                _busy, frames, copied = cursor.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            finally:
-                cursor.close()
+            ((_busy, frames, copied),) = _pragma(conn, "wal_checkpoint(PASSIVE)")
         return frames, copied
 
     @_guarded
@@ -530,16 +520,25 @@ def _safety(conn: sa.Connection, level: str | None) -> Iterator[None]:
     if level is None:
         yield
         return
-    dbapi = conn.connection.dbapi_connection
-    before = dbapi.execute("PRAGMA synchronous").fetchone()[0]
-    dbapi.execute(f"PRAGMA synchronous = {level}")
+    ((before,),) = _pragma(conn, "synchronous")
+    _pragma(conn, f"synchronous = {level}")
     try:
         yield
     finally:
         try:
-            dbapi.execute(f"PRAGMA synchronous = {before}")
+            _pragma(conn, f"synchronous = {before}")
         except sqlite3.Error:
             conn.invalidate()  # never back in the pool at the wrong level
+
+
+def _pragma(conn: sa.Connection, pragma: str) -> list[tuple]:
+    """SQLite: run PRAGMA `pragma` on the driver's connection (SQLAlchemy's would begin
+    a transaction first, in which some pragmas are refused); its rows."""
+    cursor = conn.connection.dbapi_connection.cursor()
+    try:
+        return cursor.execute(f"PRAGMA {pragma}").fetchall()
+    finally:
+        cursor.close()
 
 
 def _state(conn: sa.Connection) -> CatalogState:
