@@ -2,11 +2,12 @@
 
 The batcher's inference thread launches a batch (device decode, preprocess,
 the model, unit-normalization and a non-blocking copy of the vectors into
-pinned host memory) and returns at once with one future per item; a finishing
-thread waits for that copy and settles the futures. So while the GPU runs the
-model on batch N, the inference thread already decodes batch N+1 (nvJPEG has
-its own stream and, on A100/H100, its own hardware). `in_flight` bounds the
-batches launched and not yet finished; 1 runs them strictly in turn.
+pinned host memory) and returns at once with one future for the batch; a
+finishing thread waits for that copy and settles it with the batch's Encoded.
+So while the GPU runs the model on batch N, the inference thread already
+decodes batch N+1 (nvJPEG has its own stream and, on A100/H100, its own
+hardware). `in_flight` bounds the batches launched and not yet finished; 1
+runs them strictly in turn.
 
 Stage metrics: "decode" and "preprocess" are observed once per batch for the
 device work (the time the whole batch took), and once per item for images
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from encoder_service.encoded import Encoded
 from encoder_service.gpu_pipeline import (
     CpuPixels,
     JpegRecord,
@@ -74,17 +76,17 @@ class DeviceImageBatches:
             self._metrics.stage_seconds.labels("preprocess").observe(timings.preprocess_s)
         return payload
 
-    def run(self, payloads: list[JpegRecord | CpuPixels]) -> list[Future]:
-        """The batcher's batch function: launch, and return one future per item at once."""
+    def run(self, payloads: list[JpegRecord | CpuPixels]) -> Future:
+        """The batcher's batch function: launch, and return at once a future of the Encoded."""
         self._slots.acquire()
         try:
             launched = self._launch(payloads)
-            futures = [Future() for _ in payloads]
-            self._finisher.submit(self._finish, launched, futures)
+            future: Future = Future()
+            self._finisher.submit(self._finish, launched, future)
         except BaseException:
             self._slots.release()
             raise
-        return futures
+        return future
 
     def _launch(self, payloads: list[JpegRecord | CpuPixels]) -> _Launched:
         torch = self._torch
@@ -99,8 +101,8 @@ class DeviceImageBatches:
         done.record()
         return _Launched(prepared, host, done)
 
-    def _finish(self, launched: _Launched, futures: list[Future]) -> None:
-        """The finishing thread: wait for the batch's copy, then settle each item's future."""
+    def _finish(self, launched: _Launched, future: Future) -> None:
+        """The finishing thread: wait for the batch's copy, then settle the batch's future."""
         try:
             if launched.done is not None:
                 launched.done.synchronize()
@@ -110,17 +112,10 @@ class DeviceImageBatches:
                 stage = self._metrics.stage_seconds
                 stage.labels("decode").observe(prepared.decode_s)
                 stage.labels("preprocess").observe(prepared.preprocess_s())
-            for index, future in enumerate(futures):
-                error = prepared.errors.get(index)
-                if error is not None:
-                    future.set_exception(error)
-                else:
-                    future.set_result(rows[index])
+            future.set_result(Encoded(rows, dict(prepared.errors)))
         except BaseException as error:  # noqa: BLE001 - every waiting caller must hear of it
-            logger.exception("finishing an image batch of %d failed", len(futures))
-            for future in futures:
-                if not future.done():
-                    future.set_exception(error)
+            logger.exception("finishing an image batch of %d failed", len(launched.host))
+            future.set_exception(error)
         finally:
             self._slots.release()
 
@@ -134,8 +129,7 @@ class DeviceImageBatches:
                 payloads = [self.admit(jpeg) for _ in range(size)]
                 if size > 1:
                     payloads[-1] = self.admit(png)
-                for future in self.run(payloads):
-                    future.result()
+                self.run(payloads).result()
         finally:
             self._observe = True
 

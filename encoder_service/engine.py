@@ -23,6 +23,7 @@ import numpy as np
 from encoder_service.batcher import BatchQueue, Caller, DynamicBatcher
 from encoder_service.cpu_transform import cpu_transform
 from encoder_service.cuda_graphs import batch_buckets
+from encoder_service.encoded import Encoded, unit_rows
 from encoder_service.images import ImageLimits, ImagePreprocessor
 from encoder_service.metrics import EncoderMetrics
 from encoder_service.model import LoadedModel
@@ -104,7 +105,10 @@ class EncoderEngine:
             config.workers, thread_name_prefix="decode", initializer=_one_torch_thread
         )
         self._batcher = DynamicBatcher(
-            [BatchQueue("image", run_images), BatchQueue("text", self._run_texts)],
+            [
+                BatchQueue("image", run_images, Encoded.join),
+                BatchQueue("text", self._run_texts, Encoded.join),
+            ],
             max_batch=config.max_batch,
             max_delay_s=config.max_delay_s,
             observer=self.metrics,
@@ -129,20 +133,69 @@ class EncoderEngine:
 
     # -- images ------------------------------------------------------------------
 
-    def submit_image(self, data: bytes, caller: Caller) -> Future:
-        """Start encoding one image; the future gives its vector (D,) or raises a VpmError."""
-        self._admit(1, caller)
+    @property
+    def max_request_images(self) -> int:
+        """Most images one request may carry: what the queue can admit at once."""
+        return self.config.queue_size
+
+    def submit_images(self, images: Sequence[bytes], caller: Caller) -> Future:
+        """Start encoding a request of images; the future gives an Encoded with one row per
+        image (a bad image fails only its own row) or raises the VpmError that failed them all.
+
+        The request is admitted whole or refused whole (ResourceExhausted), decoded in
+        chunks on the worker threads, then queued for inference as one group.
+        """
+        count = len(images)
+        if not 1 <= count <= self.max_request_images:
+            raise InvalidArgument(
+                f"images: a request carries 1 to {self.max_request_images} images, got {count}"
+            )
+        self._admit(count, caller)
         result: Future = Future()
-        result.add_done_callback(lambda _: self._release(1))
-        decoded = self._workers.submit(self._decode, data, caller)
-        decoded.add_done_callback(lambda done: self._after_decode(done, caller, result))
+        result.add_done_callback(lambda _: self._release(count))
+        size = -(-count // self.config.workers)
+        starts = range(0, count, size)
+        decoding = _Decoding(images, caller, result, chunks=len(starts))
+        for start in starts:
+            self._workers.submit(self._decode_chunk, decoding, start, min(start + size, count))
         return result
 
-    def _decode(self, data: bytes, caller: Caller) -> Any:
-        if caller.gone:
-            # Counted like the batcher's drops, so the metrics show every item a caller left.
-            self.metrics.dropped("image", "cancelled")
-            raise Cancelled("the caller cancelled")
+    def submit_image(self, data: bytes, caller: Caller) -> Future:
+        """One image: the future gives its vector (D,) or raises its VpmError."""
+        single: Future = Future()
+
+        def unpack(done: Future) -> None:
+            if done.exception() is not None:
+                _settle(single, error=done.exception())
+                return
+            outcome = done.result().error_or_vector(0)
+            if isinstance(outcome, BaseException):
+                _settle(single, error=outcome)
+            else:
+                _settle(single, outcome)
+
+        self.submit_images([data], caller).add_done_callback(unpack)
+        return single
+
+    def _decode_chunk(self, decoding: _Decoding, start: int, stop: int) -> None:
+        """A worker thread: decode images[start:stop]; the last chunk queues the request."""
+        try:
+            if decoding.caller.gone:
+                # Counted like the batcher's drops, so the metrics show every item a caller left.
+                self.metrics.dropped("image", "cancelled", stop - start)
+            else:
+                for index in range(start, stop):
+                    try:
+                        decoding.payloads[index] = self._decode(decoding.images[index])
+                    except Exception as error:  # noqa: BLE001 - becomes this image's error
+                        if isinstance(error, InvalidArgument):
+                            self.metrics.rejected.labels("invalid").inc()
+                        decoding.errors[index] = error
+        finally:
+            if decoding.chunk_done():
+                self._queue_decoded(decoding)
+
+    def _decode(self, data: bytes) -> Any:
         if self._device_images is not None:
             return self._device_images.admit(data)
         pixels, timings = self._preprocess(data)
@@ -150,49 +203,64 @@ class EncoderEngine:
         self.metrics.stage_seconds.labels("preprocess").observe(timings.preprocess_s)
         return pixels
 
-    def _after_decode(self, decoded: Future, caller: Caller, result: Future) -> None:
-        error = decoded.exception()
-        if error is not None:
-            if isinstance(error, InvalidArgument):
-                self.metrics.rejected.labels("invalid").inc()
-            _settle(result, error=error)
+    def _queue_decoded(self, decoding: _Decoding) -> None:
+        """Hand the decoded images of a request to the batcher as one group."""
+        result, count = decoding.result, len(decoding.images)
+        if decoding.caller.gone:
+            _settle(result, error=Cancelled("the caller cancelled"))
+            return
+        positions = [i for i in range(count) if i not in decoding.errors]
+        if not positions:
+            nothing = Encoded(np.zeros((0, self.description.dim), dtype=np.float32))
+            _settle(result, nothing.spread(count, positions, decoding.errors))
             return
         try:
-            queued = self._batcher.submit("image", decoded.result(), caller)
+            queued = self._batcher.submit(
+                "image", [decoding.payloads[i] for i in positions], decoding.caller
+            )
         except VpmError as refused:
             _settle(result, error=refused)
             return
-        _chain(queued, result)
 
-    def _run_images(self, payloads: list[Any]) -> list[np.ndarray]:
+        def encoded(done: Future) -> None:
+            if done.exception() is not None:
+                _settle(result, error=done.exception())
+            else:
+                _settle(result, done.result().spread(count, positions, decoding.errors))
+
+        queued.add_done_callback(encoded)
+
+    def _run_images(self, payloads: list[Any]) -> Encoded:
         import torch
 
-        return list(_unit_rows(self.runtime.encode_images(torch.stack(payloads))))
+        return Encoded(unit_rows(self.runtime.encode_images(torch.stack(payloads))))
 
     # -- texts -------------------------------------------------------------------
 
-    def submit_texts(self, texts: Sequence[str], caller: Caller) -> list[Future]:
-        """One future per text, in order; a bad text fails only its own future."""
+    def submit_texts(self, texts: Sequence[str], caller: Caller) -> Future:
+        """The future gives an Encoded with one row per text, in order; a bad text fails
+        only its own row."""
         if not texts:
             raise InvalidArgument("texts is empty: send at least one text")
         if len(texts) > self.config.max_texts:
             raise InvalidArgument(
                 f"texts has {len(texts)} items, over the limit of {self.config.max_texts}"
             )
-        futures: list[Future] = [Future() for _ in texts]
-        valid = []
+        errors: dict[int, BaseException] = {}
         for index, text in enumerate(texts):
             problem = self._text_problem(text)
             if problem:
-                _settle(futures[index], error=InvalidArgument(f"texts[{index}]: {problem}"))
-            else:
-                valid.append(index)
-        if valid:
-            self._admit(len(valid), caller)
-            for index in valid:
-                futures[index].add_done_callback(lambda _: self._release(1))
-            self._workers.submit(self._tokenize_and_queue, texts, valid, futures, caller)
-        return futures
+                errors[index] = InvalidArgument(f"texts[{index}]: {problem}")
+        positions = [index for index in range(len(texts)) if index not in errors]
+        result: Future = Future()
+        if not positions:
+            nothing = Encoded(np.zeros((0, self.description.dim), dtype=np.float32))
+            _settle(result, nothing.spread(len(texts), positions, errors))
+            return result
+        self._admit(len(positions), caller)
+        result.add_done_callback(lambda _: self._release(len(positions)))
+        self._workers.submit(self._tokenize_and_queue, texts, positions, errors, caller, result)
+        return result
 
     def _text_problem(self, text: str) -> str | None:
         if not text.strip():
@@ -203,20 +271,32 @@ class EncoderEngine:
         return None
 
     def _tokenize_and_queue(
-        self, texts: Sequence[str], valid: list[int], futures: list[Future], caller: Caller
+        self,
+        texts: Sequence[str],
+        positions: list[int],
+        errors: dict[int, BaseException],
+        caller: Caller,
+        result: Future,
     ) -> None:
         try:
-            tokens = self._tokenizer([texts[index] for index in valid])
-            for row, index in enumerate(valid):
-                _chain(self._batcher.submit("text", tokens[row], caller), futures[index])
+            tokens = self._tokenizer([texts[index] for index in positions])
+            queued = self._batcher.submit("text", list(tokens), caller)
         except Exception as error:  # noqa: BLE001 - every caller must get an answer
-            for index in valid:
-                _settle(futures[index], error=error)
+            _settle(result, error=error)
+            return
 
-    def _run_texts(self, payloads: list[Any]) -> list[np.ndarray]:
+        def encoded(done: Future) -> None:
+            if done.exception() is not None:
+                _settle(result, error=done.exception())
+            else:
+                _settle(result, done.result().spread(len(texts), positions, errors))
+
+        queued.add_done_callback(encoded)
+
+    def _run_texts(self, payloads: list[Any]) -> Encoded:
         import torch
 
-        return list(_unit_rows(self.runtime.encode_texts(torch.stack(payloads))))
+        return Encoded(unit_rows(self.runtime.encode_texts(torch.stack(payloads))))
 
     # -- admission and lifecycle -----------------------------------------------------
 
@@ -289,12 +369,6 @@ class EncoderEngine:
         self.runtime.close()
 
 
-def _unit_rows(features: np.ndarray) -> np.ndarray:
-    features = np.asarray(features, dtype=np.float32)
-    norms = np.linalg.norm(features, axis=1, keepdims=True)
-    return features / np.maximum(norms, np.float32(1e-12))
-
-
 def _one_torch_thread() -> None:
     """Keep a decode thread's tensor work on its own core (the setting is per thread).
 
@@ -319,16 +393,22 @@ def _settle(future: Future, result: Any = None, error: BaseException | None = No
         pass
 
 
-def _chain(source: Future, target: Future) -> None:
-    def copy(done: Future) -> None:
-        if done.cancelled():
-            _settle(target, error=Cancelled("cancelled"))
-        elif done.exception() is not None:
-            _settle(target, error=done.exception())
-        elif isinstance(done.result(), Future):
-            # A device batch answers at launch with a future per item (device_batches).
-            _chain(done.result(), target)
-        else:
-            _settle(target, result=done.result())
+class _Decoding:
+    """A request of images on its way through the worker threads."""
 
-    source.add_done_callback(copy)
+    def __init__(
+        self, images: Sequence[bytes], caller: Caller, result: Future, chunks: int
+    ) -> None:
+        self.images = images
+        self.caller = caller
+        self.result = result
+        self.payloads: list[Any] = [None] * len(images)
+        self.errors: dict[int, BaseException] = {}
+        self.chunks = chunks  # counted down as each is decoded
+        self._lock = threading.Lock()
+
+    def chunk_done(self) -> bool:
+        """Count one chunk as decoded; True for the last."""
+        with self._lock:
+            self.chunks -= 1
+            return self.chunks == 0

@@ -45,7 +45,8 @@ class EncoderMetrics(BatchObserver):
         )
         self.stage_seconds = Histogram(
             "vpm_encoder_stage_seconds",
-            "Seconds per stage: decode, preprocess, queue (per item), inference (per batch)",
+            "Seconds per stage: decode, preprocess (per item), queue (per request in a batch), "
+            "inference (per batch)",
             ["stage"],
             buckets=SECONDS_BUCKETS,
             registry=r,
@@ -72,7 +73,7 @@ class EncoderMetrics(BatchObserver):
     def batch_started(self, queue: str, size: int, waits: list[float]) -> None:
         self.batch_size.labels(queue).observe(size)
         stage = self.stage_seconds.labels("queue")
-        for wait in waits:
+        for wait in waits:  # one per request in the batch
             stage.observe(wait)
 
     def batch_finished(self, queue: str, size: int, seconds: float) -> None:
@@ -97,8 +98,8 @@ class EncoderMetrics(BatchObserver):
         with self._lock:
             return self._item_cost or 0.0
 
-    def dropped(self, queue: str, reason: str) -> None:
-        self.dropped_items.labels(queue, reason).inc()
+    def dropped(self, queue: str, reason: str, count: int = 1) -> None:
+        self.dropped_items.labels(queue, reason).inc(count)
 
     def depth(self, queue: str, waiting: int) -> None:
         self.queue_depth.labels(queue).set(waiting)

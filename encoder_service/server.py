@@ -14,10 +14,12 @@ from grpc import aio
 from grpc_health.v1 import health
 
 from encoder_service.batcher import Caller
+from encoder_service.encoded import Encoded
 from encoder_service.engine import EncoderEngine
 from encoder_service.settings import EncoderSettings
 from vpm.v1 import encoder_pb2, encoder_pb2_grpc
-from vpm_common.errors import STATUS_CODES, Unavailable, VpmError
+from vpm_common.errors import STATUS_CODES, InvalidArgument, Unavailable, VpmError
+from vpm_common.matrix import WIRE_DTYPES, pack
 from vpm_common.rpc import rpc_boundary
 from vpm_common.serving import add_health_and_reflection, listen, new_server, set_serving
 
@@ -65,16 +67,39 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             reader.cancel()
 
     @rpc_boundary
+    async def EncodeImageBatches(
+        self, request_iterator: AsyncIterator[encoder_pb2.ImageBatch], context: aio.ServicerContext
+    ) -> AsyncIterator[encoder_pb2.ImageBatchResult]:
+        engine = self._app.ready_engine()
+        replies: asyncio.Queue[encoder_pb2.ImageBatchResult | None] = asyncio.Queue()
+        reader = asyncio.create_task(
+            _read_batches(engine, request_iterator, _caller_for(context), replies)
+        )
+        try:
+            while (reply := await replies.get()) is not None:
+                yield reply
+            reader.result()  # re-raise what ended the reader, if anything did
+        finally:
+            reader.cancel()
+
+    @rpc_boundary
     async def EncodeText(
         self, request: encoder_pb2.TextBatch, context: aio.ServicerContext
     ) -> encoder_pb2.EmbeddingBatch:
         engine = self._app.ready_engine()
-        futures = engine.submit_texts(list(request.texts), _caller_for(context))
-        outcomes = await asyncio.gather(
-            *(asyncio.wrap_future(future) for future in futures), return_exceptions=True
-        )
+        model_id = engine.description.model_id
+        texts = list(request.texts)
+        pending = engine.submit_texts(texts, _caller_for(context))
+        try:
+            encoded = await asyncio.wrap_future(pending)
+        except Exception as error:  # noqa: BLE001 - becomes every text's error
+            encoded = _all_failed(len(texts), engine.description.dim, error)
         return encoder_pb2.EmbeddingBatch(
-            items=[_reply(str(index), outcome) for index, outcome in enumerate(outcomes)]
+            items=[
+                _reply(str(index), encoded.error_or_vector(index), model_id)
+                for index in range(len(encoded))
+            ],
+            model_id=model_id,
         )
 
     @rpc_boundary
@@ -96,6 +121,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             context_length=info.context_length,
             random_weights=info.random_weights,
             normalization="l2",
+            max_request_images=self._app.ready_engine().max_request_images,
         )
 
 
@@ -108,6 +134,7 @@ async def _read_images(
     """Admit images while the stream's window has room; queue one reply per image; then None."""
     window = asyncio.Semaphore(engine.config.stream_window)
     answers: set[asyncio.Task] = set()
+    model_id = engine.description.model_id
 
     async def answer(item_id: str, future: asyncio.Future) -> None:
         try:
@@ -116,7 +143,7 @@ async def _read_images(
             outcome = error
         finally:
             window.release()
-        replies.put_nowait(_reply(item_id, outcome))
+        replies.put_nowait(_reply(item_id, outcome, model_id))
 
     try:
         async for item in request_iterator:
@@ -127,7 +154,7 @@ async def _read_images(
                 future = asyncio.wrap_future(engine.submit_image(item.data, caller))
             except VpmError as refused:
                 window.release()
-                replies.put_nowait(_reply(item.id, refused))
+                replies.put_nowait(_reply(item.id, refused, model_id))
                 continue
             task = asyncio.create_task(answer(item.id, future))
             answers.add(task)
@@ -136,6 +163,88 @@ async def _read_images(
             await asyncio.gather(*answers)
     finally:
         replies.put_nowait(None)
+
+
+async def _read_batches(
+    engine: EncoderEngine,
+    request_iterator: AsyncIterator[encoder_pb2.ImageBatch],
+    caller: Caller,
+    replies: asyncio.Queue,
+) -> None:
+    """Admit image batches while the stream's window has room; one reply per batch; then None.
+
+    The window counts images, and always admits a batch when none is in flight, so
+    a batch larger than the window still goes through (alone).
+    """
+    window = _ImageWindow(engine.config.stream_window)
+    answers: set[asyncio.Task] = set()
+    model_id, dim = engine.description.model_id, engine.description.dim
+
+    async def answer(batch: encoder_pb2.ImageBatch, future: asyncio.Future) -> None:
+        count = len(batch.images)
+        try:
+            outcome: Encoded | BaseException = await future
+        except Exception as error:  # noqa: BLE001 - becomes every image's error
+            outcome = error
+        finally:
+            window.give(count)
+        if isinstance(outcome, BaseException):
+            outcome = _all_failed(count, dim, outcome)
+        replies.put_nowait(_batch_reply(batch, outcome, model_id))
+
+    try:
+        async for batch in request_iterator:
+            count = len(batch.images)
+            if count > engine.max_request_images:
+                raise InvalidArgument(
+                    f"images: a batch carries at most {engine.max_request_images} images "
+                    f"(ModelInfo.max_request_images), got {count}"
+                )
+            if batch.dtype not in WIRE_DTYPES:
+                raise InvalidArgument(f"dtype: unknown vector dtype {batch.dtype}")
+            if count == 0:
+                replies.put_nowait(
+                    _batch_reply(batch, Encoded(np.zeros((0, dim), np.float32)), model_id)
+                )
+                continue
+            # Not reading further while the window is full is what pushes back on
+            # the client: gRPC flow control stops it from sending more.
+            await window.take(count)
+            try:
+                future = asyncio.wrap_future(engine.submit_images(batch.images, caller))
+            except VpmError as refused:
+                window.give(count)
+                future = asyncio.get_running_loop().create_future()
+                future.set_exception(refused)
+            task = asyncio.create_task(answer(batch, future))
+            answers.add(task)
+            task.add_done_callback(answers.discard)
+        if answers:
+            await asyncio.gather(*answers)
+    finally:
+        replies.put_nowait(None)
+
+
+class _ImageWindow:
+    """Images in flight on one stream: take() waits while a new batch would overfill it."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.used = 0
+        self._changed = asyncio.Condition()
+
+    async def take(self, count: int) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: not self.used or self.used + count <= self.size)
+            self.used += count
+
+    def give(self, count: int) -> None:
+        self.used -= count
+        asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
 
 
 def _caller_for(context: aio.ServicerContext) -> Caller:
@@ -149,18 +258,37 @@ def _caller_for(context: aio.ServicerContext) -> Caller:
     return caller
 
 
-def _reply(item_id: str, outcome: Any) -> encoder_pb2.EmbeddingItem:
+def _reply(item_id: str, outcome: Any, model_id: str) -> encoder_pb2.EmbeddingItem:
     if isinstance(outcome, np.ndarray):
-        return encoder_pb2.EmbeddingItem(id=item_id, vector=outcome.tolist())
+        return encoder_pb2.EmbeddingItem(id=item_id, vector=outcome.tolist(), model_id=model_id)
+    return encoder_pb2.EmbeddingItem(id=item_id, error=_error(item_id, outcome))
+
+
+def _all_failed(count: int, dim: int, error: BaseException) -> Encoded:
+    return Encoded(np.zeros((count, dim), np.float32), dict.fromkeys(range(count), error))
+
+
+def _batch_reply(
+    batch: encoder_pb2.ImageBatch, encoded: Encoded, model_id: str
+) -> encoder_pb2.ImageBatchResult:
+    """The reply is built from the batch's matrix: one copy into the message's bytes."""
+    return encoder_pb2.ImageBatchResult(
+        id=batch.id,
+        model_id=model_id,
+        vectors=pack(encoded.vectors, batch.dtype),
+        errors=[
+            encoder_pb2.ItemError(index=index, error=_error(f"{batch.id}[{index}]", error))
+            for index, error in sorted(encoded.errors.items())
+        ],
+    )
+
+
+def _error(item_id: str, outcome: BaseException) -> encoder_pb2.Error:
     if isinstance(outcome, VpmError):
-        error = encoder_pb2.Error(code=outcome.code, message=outcome.message)
-    else:
-        ref = uuid.uuid4().hex[:8]
-        logger.error("item %r failed (ref %s)", item_id, ref, exc_info=outcome)
-        error = encoder_pb2.Error(
-            code=STATUS_CODES["INTERNAL"], message=f"internal error (ref {ref})"
-        )
-    return encoder_pb2.EmbeddingItem(id=item_id, error=error)
+        return encoder_pb2.Error(code=outcome.code, message=outcome.message)
+    ref = uuid.uuid4().hex[:8]
+    logger.error("item %r failed (ref %s)", item_id, ref, exc_info=outcome)
+    return encoder_pb2.Error(code=STATUS_CODES["INTERNAL"], message=f"internal error (ref {ref})")
 
 
 async def create_server(settings: EncoderSettings, app: EncoderApp) -> tuple[aio.Server, int]:

@@ -85,10 +85,28 @@ def test_bad_items_fail_alone(engines) -> None:
     with pytest.raises(InvalidArgument, match="not a recognized image"):
         bad.result(30)
     assert good.result(30).shape == (64,)
-    futures = engine.submit_texts(["shoes", "   "], Caller())
-    assert futures[0].result(30).shape == (64,)
+    texts = engine.submit_texts(["shoes", "   "], Caller()).result(30)
+    assert texts.vectors.shape == (2, 64) and list(texts.errors) == [1]
+    assert np.linalg.norm(texts.vectors[0]) == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(InvalidArgument, match=r"texts\[1\]: text is empty"):
-        futures[1].result(30)
+        raise texts.errors[1]
+    assert engine.in_flight() == 0
+
+
+def test_a_request_of_images_gets_one_row_each_equal_to_the_image_alone(engines) -> None:
+    """The batch path against the single path it must agree with, bad images failing alone."""
+    engine = engines["onnx"]
+    files = [images.jpeg(seed=20 + i) for i in range(5)]
+    files.insert(2, b"nope")
+    encoded = engine.submit_images(files, Caller()).result(30)
+    assert encoded.vectors.shape == (6, 64) and list(encoded.errors) == [2]
+    assert "not a recognized image" in encoded.errors[2].message
+    assert not encoded.vectors[2].any()  # a failed image's row is zeros
+    for row, data in enumerate(files):
+        if row != 2:
+            np.testing.assert_allclose(encoded.vectors[row], encode(engine, data), atol=1e-5)
+    with pytest.raises(InvalidArgument, match="a request carries 1 to"):
+        engine.submit_images([], Caller())
     assert engine.in_flight() == 0
 
 

@@ -218,3 +218,93 @@ def test_work_for_a_caller_past_its_deadline_is_dropped_not_run(make_encoder) ->
     assert dropped == 1
     assert metrics.items.labels("text")._value.get() == 0
     assert app.engine.in_flight() == 0
+
+
+def decode_matrix(result: encoder_pb2.ImageBatchResult) -> np.ndarray:
+    """The reply's matrix read with numpy alone, from the layout vectors.proto documents."""
+    matrix = result.vectors
+    wire = {0: "<f4", 1: "<f2"}[matrix.dtype]
+    return np.frombuffer(matrix.data, dtype=wire).reshape(matrix.rows, matrix.dim)
+
+
+def test_image_batches_come_back_as_one_matrix_equal_to_the_per_item_vectors(
+    encoder_server: ServerThread,
+) -> None:
+    stub = stub_for(encoder_server.target)
+    files = [images.jpeg(320, 240, seed=40 + i) for i in range(12)]
+    bad = {3: BAD_INPUTS["truncated"], 7: BAD_INPUTS["html"]}
+    first = [bad[i][0] if i in bad else data for i, data in enumerate(files)]
+    batches = [
+        encoder_pb2.ImageBatch(id="first", images=first),
+        encoder_pb2.ImageBatch(id="second", images=files[:5]),
+        encoder_pb2.ImageBatch(id="half", images=files[:5], dtype=1),  # FLOAT16
+    ]
+    results = {r.id: r for r in stub.EncodeImageBatches(iter(batches), timeout=60)}
+    info = stub.GetModelInfo(encoder_pb2.GetModelInfoRequest(), timeout=5)
+    assert set(results) == {"first", "second", "half"}
+    assert all(r.model_id == info.model_id for r in results.values())
+    single = encode_all(stub, {str(i): data for i, data in enumerate(files)})
+    expected = np.array([single[str(i)].vector for i in range(12)], dtype=np.float32)
+
+    matrix = decode_matrix(results["first"])
+    assert matrix.shape == (12, 64) and matrix.dtype == np.dtype("<f4")
+    errors = results["first"].errors
+    assert [e.index for e in errors] == [3, 7]
+    for error in errors:
+        assert error.error.code == INVALID_ARGUMENT
+        assert bad[error.index][1] in error.error.message
+        assert not matrix[error.index].any()
+    good = [i for i in range(12) if i not in bad]
+    np.testing.assert_allclose(matrix[good], expected[good], atol=1e-5)
+    np.testing.assert_allclose(decode_matrix(results["second"]), expected[:5], atol=1e-5)
+
+    half = decode_matrix(results["half"])
+    assert half.dtype == np.dtype("<f2") and len(results["half"].vectors.data) == 5 * 64 * 2
+    np.testing.assert_allclose(half.astype(np.float32), expected[:5], atol=2e-3)
+    cosines = (half.astype(np.float64) * expected[:5]).sum(axis=1)
+    assert cosines.min() > 0.9999
+
+
+def test_image_batch_limits_and_empty_batches(encoder_server: ServerThread) -> None:
+    stub = stub_for(encoder_server.target)
+    info = stub.GetModelInfo(encoder_pb2.GetModelInfoRequest(), timeout=5)
+    assert info.max_request_images == 64  # the queue size: 8 x max batch
+    empty = list(stub.EncodeImageBatches(iter([encoder_pb2.ImageBatch(id="e")]), timeout=10))
+    assert len(empty) == 1 and empty[0].vectors.rows == 0 and empty[0].vectors.dim == 64
+    too_many = encoder_pb2.ImageBatch(id="big", images=[b"x"] * 65)
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub.EncodeImageBatches(iter([too_many]), timeout=10))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 64 images" in caught.value.details()
+
+
+def test_an_image_batch_the_queue_cannot_take_is_refused_row_by_row(make_encoder) -> None:
+    # The stream's window (16) takes the batches of 5 faster than the first one runs
+    # (a 300 ms wait for a batch of 8 to fill), but the queue holds only 6 images.
+    thread, _ = make_encoder(max_batch=8, queue_size=6, max_delay_ms=300.0)
+    stub = stub_for(thread.target)
+    batches = [
+        encoder_pb2.ImageBatch(id=str(n), images=[images.jpeg(200, 150, seed=n)] * 5)
+        for n in range(4)
+    ]
+    results = list(stub.EncodeImageBatches(iter(batches), timeout=60))
+    assert sorted(r.id for r in results) == ["0", "1", "2", "3"]  # in the order they finish
+    assert not next(r for r in results if r.id == "0").errors  # nothing was ahead of it
+    refused = [r for r in results if r.errors]
+    assert refused
+    for result in refused:
+        assert [e.index for e in result.errors] == list(range(5))
+        assert {e.error.code for e in result.errors} == {RESOURCE_EXHAUSTED}
+        assert "queue is full" in result.errors[0].error.message
+    for result in results:
+        if not result.errors:
+            assert np.abs(np.linalg.norm(decode_matrix(result), axis=1) - 1).max() < 1e-5
+
+
+def test_every_vector_reply_names_its_model(encoder_server: ServerThread) -> None:
+    stub = stub_for(encoder_server.target)
+    info = stub.GetModelInfo(encoder_pb2.GetModelInfoRequest(), timeout=5)
+    texts = stub.EncodeText(encoder_pb2.TextBatch(texts=["shoe", ""]), timeout=10)
+    assert texts.model_id == info.model_id == texts.items[0].model_id
+    replies = encode_all(stub, {"ok": images.jpeg(seed=1), "bad": b"nope"})
+    assert replies["ok"].model_id == info.model_id and replies["bad"].error.code

@@ -49,12 +49,15 @@ def test_encoder_failures_become_internal_with_a_reference(
 
     app.engine.submit_texts = broken
     app.engine.submit_image = broken
+    app.engine.submit_images = broken
     with grpc.insecure_channel(thread.target) as channel:
         stub = encoder_pb2_grpc.EncoderStub(channel)
         error = failure(lambda: stub.EncodeText(encoder_pb2.TextBatch(texts=["a"]), timeout=10))
         assert_internal(error, caplog)
         items = iter([encoder_pb2.ImageItem(id="a", data=images.jpeg(64, 64))])
         assert_internal(failure(lambda: list(stub.EncodeImages(items, timeout=10))), caplog)
+        batches = iter([encoder_pb2.ImageBatch(id="a", images=[images.jpeg(64, 64)])])
+        assert_internal(failure(lambda: list(stub.EncodeImageBatches(batches, timeout=10))), caplog)
 
 
 def test_one_images_internal_failure_is_its_own_reply_with_a_reference(
