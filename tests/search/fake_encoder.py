@@ -18,7 +18,7 @@ import numpy as np
 from grpc import aio
 
 from tests.support import ServerThread
-from vpm.v1 import encoder_pb2, encoder_pb2_grpc
+from vpm.v1 import encoder_pb2, encoder_pb2_grpc, vectors_pb2
 from vpm_common.errors import STATUS_CODES
 from vpm_common.serving import add_health_and_reflection, set_serving
 
@@ -39,11 +39,13 @@ class FakeEncoder(encoder_pb2_grpc.EncoderServicer):
         self.dim = dim
         self.model_id = model_id
         self.images = 0  # items encoded
+        self.batches = 0  # EncodeImageBatches requests answered
         self.texts = 0
         self.calls = 0
         self.unavailable_calls = 0  # the next this-many calls fail UNAVAILABLE
         self.exhausted_items = 0  # the next this-many items get RESOURCE_EXHAUSTED
         self.delay_s = 0.0
+        self.max_request_images = 64
 
     async def _gate(self, context: aio.ServicerContext) -> None:
         self.calls += 1
@@ -72,7 +74,30 @@ class FakeEncoder(encoder_pb2_grpc.EncoderServicer):
             return encoder_pb2.EmbeddingItem(id=item.id, error=error)
         self.images += 1
         vector = fake_vector(item.data, self.dim)
-        return encoder_pb2.EmbeddingItem(id=item.id, vector=vector.tolist())
+        return encoder_pb2.EmbeddingItem(id=item.id, vector=vector.tolist(), model_id=self.model_id)
+
+    async def EncodeImageBatches(  # noqa: N802
+        self, request_iterator: AsyncIterator[encoder_pb2.ImageBatch], context: aio.ServicerContext
+    ) -> AsyncIterator[encoder_pb2.ImageBatchResult]:
+        await self._gate(context)
+        async for batch in request_iterator:
+            self.batches += 1
+            rows = np.zeros((len(batch.images), self.dim), dtype=np.float32)
+            errors = []
+            for index, data in enumerate(batch.images):
+                item = self._encode(encoder_pb2.ImageItem(id=str(index), data=data))
+                if item.HasField("error"):
+                    errors.append(encoder_pb2.ItemError(index=index, error=item.error))
+                else:
+                    rows[index] = item.vector
+            yield encoder_pb2.ImageBatchResult(
+                id=batch.id,
+                model_id=self.model_id,
+                vectors=vectors_pb2.VectorMatrix(
+                    rows=len(rows), dim=self.dim, data=rows.astype("<f4").tobytes()
+                ),
+                errors=errors,
+            )
 
     async def EncodeText(  # noqa: N802
         self, request: encoder_pb2.TextBatch, context: aio.ServicerContext
@@ -82,10 +107,13 @@ class FakeEncoder(encoder_pb2_grpc.EncoderServicer):
         return encoder_pb2.EmbeddingBatch(
             items=[
                 encoder_pb2.EmbeddingItem(
-                    id=str(i), vector=fake_vector(text.encode(), self.dim).tolist()
+                    id=str(i),
+                    vector=fake_vector(text.encode(), self.dim).tolist(),
+                    model_id=self.model_id,
                 )
                 for i, text in enumerate(request.texts)
-            ]
+            ],
+            model_id=self.model_id,
         )
 
     async def GetModelInfo(  # noqa: N802
@@ -97,6 +125,7 @@ class FakeEncoder(encoder_pb2_grpc.EncoderServicer):
             model_id=self.model_id,
             dim=self.dim,
             random_weights=True,
+            max_request_images=self.max_request_images,
         )
 
 

@@ -172,3 +172,80 @@ def test_next_model_info_takes_no_turn_and_a_restart_with_another_model_is_seen(
     assert calls == (3, 3)
     assert [s.model_id for s in statuses] == ["m-a", "m-b2"]
     assert models == {"m-a", "m-b2"}
+
+
+def test_each_reply_names_its_model_even_when_the_channel_stays_up(
+    fake_encoders: Callable,
+) -> None:
+    """A rolling update behind one address: the same connection starts answering with
+    another model; the vectors must be labelled with the model that made them."""
+    fake, server = fake_encoders(model_id="old")
+
+    async def work(pool: EncoderPool):
+        before = await pool.encode_images([("a", b"img")])
+        fake.model_id = "new"
+        after = await pool.encode_images([("a", b"img")])
+        [text] = await pool.encode_texts(["hello"])
+        return before[0].model_id, after[0].model_id, text.model_id
+
+    assert run_with_pool([server.target], work) == ("old", "new", "new")
+
+
+def test_a_target_that_turns_to_another_model_is_left_and_its_images_go_elsewhere(
+    fake_encoders: Callable,
+) -> None:
+    (a, server_a), (b, server_b) = fake_encoders(model_id="m1"), fake_encoders(model_id="m1")
+    images = [b"img%d" % i for i in range(20)]
+
+    async def work(pool: EncoderPool):
+        info = await pool.connect(timeout_s=5)
+        b.model_id = "m2"
+        results = [await pool.encode_image_batch(images[i : i + 5]) for i in range(0, 20, 5)]
+        return info.model_id, results, pool.spread()
+
+    pinned, results, spread = run_with_pool([server_a.target, server_b.target], work)
+    assert pinned == "m1"
+    for start, encoded in zip(range(0, 20, 5), results, strict=True):
+        assert encoded.errors == {} and set(encoded.model_ids) == {"m1"}
+        expected = np.array([fake_vector(data, 16) for data in images[start : start + 5]])
+        np.testing.assert_allclose(encoded.vectors, expected, rtol=1e-6)
+    assert spread == {server_a.target: 20, server_b.target: 0}
+
+
+def test_a_long_run_of_images_travels_in_requests_of_the_encoders_size(
+    fake_encoders: Callable,
+) -> None:
+    fake, server = fake_encoders(dim=8)
+    fake.max_request_images = 3
+    images = [b"img%d" % i for i in range(10)] + [b"not an image, truly"]
+
+    async def work(pool: EncoderPool):
+        return await pool.encode_image_batch(images)
+
+    encoded = run_with_pool([server.target], work)
+    assert fake.batches == 4 and fake.calls == 1  # one stream, ceil(11 / 3) requests
+    expected = np.array([fake_vector(data, 8) for data in images[:10]])
+    np.testing.assert_allclose(encoded.vectors[:10], expected, rtol=1e-6)
+    assert encoded.errors == {10: (3, "image data is truncated or corrupt")}
+
+
+def test_connect_refuses_encoders_that_disagree_and_expand_dns_sees_each_address(
+    fake_encoders: Callable,
+) -> None:
+    from vpm_common.errors import FailedPrecondition
+
+    (_, one), (_, other) = fake_encoders(model_id="m1"), fake_encoders(model_id="m2")
+
+    async def disagree(pool: EncoderPool):
+        with pytest.raises(FailedPrecondition, match="encoders disagree on the model"):
+            await pool.connect(timeout_s=5)
+
+    run_with_pool([one.target, other.target], disagree)
+
+    async def by_address(pool: EncoderPool):
+        await pool.connect(timeout_s=5)
+        await pool.encode_image_batch([b"a", b"b"])
+        return pool.spread()
+
+    spread = run_with_pool([f"dns:///localhost:{one.port}"], by_address, expand_dns=True)
+    assert spread[f"127.0.0.1:{one.port}"] == 2
