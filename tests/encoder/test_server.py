@@ -308,3 +308,39 @@ def test_every_vector_reply_names_its_model(encoder_server: ServerThread) -> Non
     assert texts.model_id == info.model_id == texts.items[0].model_id
     replies = encode_all(stub, {"ok": images.jpeg(seed=1), "bad": b"nope"})
     assert replies["ok"].model_id == info.model_id and replies["bad"].error.code
+
+
+def test_a_client_with_reflection_alone_encodes_a_batch_as_the_readme_shows(
+    encoder_server: ServerThread,
+) -> None:
+    """What grpcurl does: the contract from server reflection, the request from JSON, no
+    generated code of ours; the matrix read by the documented layout."""
+    import base64
+    import json
+
+    from google.protobuf import descriptor_pool, json_format, message_factory
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    channel = grpc.insecure_channel(encoder_server.target)
+    pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+    method = pool.FindServiceByName("vpm.v1.Encoder").FindMethodByName("EncodeImageBatches")
+    request_class = message_factory.GetMessageClass(method.input_type)
+    reply_class = message_factory.GetMessageClass(method.output_type)
+    data = images.jpeg(120, 90, seed=9)
+    body = json.dumps({"id": "b1", "images": [base64.b64encode(data).decode()]})
+    request = json_format.Parse(body, request_class())
+    call = channel.stream_stream(
+        "/vpm.v1.Encoder/EncodeImageBatches",
+        request_serializer=request_class.SerializeToString,
+        response_deserializer=reply_class.FromString,
+    )
+    [reply] = list(call(iter([request]), timeout=30))
+    answer = json_format.MessageToDict(reply)
+    matrix = answer["vectors"]
+    assert (answer["id"], matrix["rows"], matrix["dim"]) == ("b1", 1, 64)
+    row = np.frombuffer(base64.b64decode(matrix["data"]), dtype="<f4")
+    expected = encode_all(stub_for(encoder_server.target), {"x": data})["x"].vector
+    np.testing.assert_allclose(row, expected, atol=1e-5)
+    assert answer["modelId"] == "VPM-Tiny/random-seed0"
