@@ -43,6 +43,8 @@ class EngineConfig:
     # Items one stream may have in flight before the server stops reading it.
     stream_window: int = 16
     limits: ImageLimits = ImageLimits()
+    # Bytes of images one request may carry (the server's message limit follows it).
+    max_request_bytes: int = 32 * 1024 * 1024
     max_texts: int = 1024
     max_text_bytes: int = 16 * 1024
     # Decode and preprocess image batches on the runtime's device (a TorchRuntime).

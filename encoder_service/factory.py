@@ -26,6 +26,7 @@ def engine_config(
         queue_size=settings.queue_size or 8 * max_batch,
         stream_window=2 * max_batch,
         limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels),
+        max_request_bytes=settings.max_request_bytes(),
         max_texts=settings.max_texts,
         max_text_bytes=settings.max_text_bytes,
         device_decode=device_decode,

@@ -122,6 +122,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             random_weights=info.random_weights,
             normalization="l2",
             max_request_images=self._app.ready_engine().max_request_images,
+            max_request_bytes=self._app.ready_engine().config.max_request_bytes,
         )
 
 

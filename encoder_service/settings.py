@@ -10,6 +10,8 @@ from vpm_common.server_settings import ServerGuards
 from vpm_common.settings import check, setting
 
 ENV_PREFIX = "VPM_ENCODER_"
+# Image bytes per batched request: ~450 photos of the fashion set's ~70 KB.
+REQUEST_IMAGE_BYTES = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,11 @@ class EncoderSettings(ServerGuards):
     def thread_count(self) -> int:
         return self.threads or available_cpus()
 
+    def max_request_bytes(self) -> int:
+        """Bytes of images one EncodeImageBatches request may carry: a batch of typical
+        photos, or one image of the largest size accepted."""
+        return max(self.max_image_bytes, REQUEST_IMAGE_BYTES)
+
     def max_message_bytes(self) -> int:
-        # Room for the image and the message around it.
-        return self.max_image_bytes + 64 * 1024
+        # Room for the images and the message around them.
+        return self.max_request_bytes() + 64 * 1024

@@ -50,8 +50,9 @@ ENCODER_SERVICE = "vpm.v1.Encoder"
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 _RESOURCE_EXHAUSTED = STATUS_CODES["RESOURCE_EXHAUSTED"]
 _READY = grpc.ChannelConnectivity.READY
-# Images per request when an encoder does not say (ModelInfo.max_request_images).
+# A request's limits when an encoder does not say (ModelInfo.max_request_images, _bytes).
 DEFAULT_REQUEST_IMAGES = 64
+DEFAULT_REQUEST_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -328,9 +329,13 @@ class EncoderPool:
     ) -> None:
         """One EncodeImageBatches stream to `target` carrying every pending image."""
         info = await self._model_info_of(target, deadline)
-        size = info.max_request_images or DEFAULT_REQUEST_IMAGES
-        pending = run.pending
-        chunks = [pending[start : start + size] for start in range(0, len(pending), size)]
+        chunks = _chunks(
+            run.pending,
+            [len(data) for data in run.images],
+            info.max_request_images or DEFAULT_REQUEST_IMAGES,
+            # Room for the message around the images.
+            (info.max_request_bytes or DEFAULT_REQUEST_BYTES) - 64 * 1024,
+        )
         requests = [
             encoder_pb2.ImageBatch(id=str(k), images=[run.images[i] for i in chunk], dtype=dtype)
             for k, chunk in enumerate(chunks)
@@ -477,6 +482,22 @@ def _gave_up(errors: list[str]) -> VpmError:
             f"every encoder is at capacity; retry with backoff ({'; '.join(errors)})"
         )
     return Unavailable(f"no encoder answered ({'; '.join(errors)})")
+
+
+def _chunks(indexes: list[int], sizes: list[int], most: int, most_bytes: int) -> list[list[int]]:
+    """`indexes` in runs of at most `most` images and `most_bytes` bytes (at least one each)."""
+    chunks: list[list[int]] = []
+    chunk: list[int] = []
+    total = 0
+    for index in indexes:
+        if chunk and (len(chunk) == most or total + sizes[index] > most_bytes):
+            chunks.append(chunk)
+            chunk, total = [], 0
+        chunk.append(index)
+        total += sizes[index]
+    if chunk:
+        chunks.append(chunk)
+    return chunks
 
 
 class _ImageRun:

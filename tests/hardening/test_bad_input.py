@@ -205,7 +205,12 @@ def _(s: Stack) -> object:
 
 @case(ENCODER_CASES, "message over the size limit", "RESOURCE_EXHAUSTED", "larger than max")
 def _(s: Stack) -> object:
-    return one_image(s, b"\xff\xd8" + b"\x00" * (21 * 1024 * 1024))
+    return one_image(s, b"\xff\xd8" + b"\x00" * (33 * 1024 * 1024))
+
+
+@case(ENCODER_CASES, "image over --max-image-bytes", "INVALID_ARGUMENT", "over the limit")
+def _(s: Stack) -> object:
+    return item_status(one_image(s, b"\xff\xd8" + b"\x00" * (21 * 1024 * 1024)))
 
 
 @case(ENCODER_CASES, "text of 100 KB", "INVALID_ARGUMENT", "over the limit of 16384")

@@ -46,6 +46,7 @@ class FakeEncoder(encoder_pb2_grpc.EncoderServicer):
         self.exhausted_items = 0  # the next this-many items get RESOURCE_EXHAUSTED
         self.delay_s = 0.0
         self.max_request_images = 64
+        self.max_request_bytes = 0  # 0: not said
 
     async def _gate(self, context: aio.ServicerContext) -> None:
         self.calls += 1
@@ -126,6 +127,7 @@ class FakeEncoder(encoder_pb2_grpc.EncoderServicer):
             dim=self.dim,
             random_weights=True,
             max_request_images=self.max_request_images,
+            max_request_bytes=self.max_request_bytes,
         )
 
 

@@ -229,6 +229,20 @@ def test_a_long_run_of_images_travels_in_requests_of_the_encoders_size(
     assert encoded.errors == {10: (3, "image data is truncated or corrupt")}
 
 
+def test_requests_stay_within_the_encoders_byte_limit(fake_encoders: Callable) -> None:
+    fake, server = fake_encoders(dim=8)
+    fake.max_request_bytes = 64 * 1024 + 250  # the message around the images takes 64 KB
+    images = [bytes([i]) * 100 for i in range(7)] + [b"x" * 1000]  # the last alone is over
+
+    async def work(pool: EncoderPool):
+        return await pool.encode_image_batch(images)
+
+    encoded = run_with_pool([server.target], work)
+    assert fake.batches == 5  # 2 + 2 + 2 + 1 + the big one alone
+    expected = np.array([fake_vector(data, 8) for data in images])
+    np.testing.assert_allclose(encoded.vectors, expected, rtol=1e-6)
+
+
 def test_connect_refuses_encoders_that_disagree_and_expand_dns_sees_each_address(
     fake_encoders: Callable,
 ) -> None:
