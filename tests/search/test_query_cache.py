@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from search_service.embedder import QueryEmbedder
+from search_service.embedder import Embedding, QueryEmbedder
 from search_service.engine import SearchEngine
 from search_service.models import SearchQuery
-from search_service.query_cache import ENTRY_OVERHEAD, CachingEmbedder, normalize_text
+from search_service.query_cache import CachingEmbedder, normalize_text
 from tests.search.conftest import random_catalog
 from tests.search.test_real_encoder import jpeg
 from tests.support import ServerThread, free_port
@@ -62,6 +62,75 @@ def with_cache(
     return asyncio.run(main())
 
 
+def assert_entry_sizes(total: int, entries: int, model_id_length: int) -> None:
+    """The cache's byte count: more than the vectors and model ids it holds, and no more than
+    the bound test_the_byte_estimate_is_close_to_the_memory_an_entry_takes checks."""
+    per_entry = total / entries
+    assert total % entries == 0
+    assert TINY_DIM * 4 + model_id_length < per_entry < TINY_DIM * 4 + model_id_length + 1024
+
+
+def one_entry_bytes(target: str) -> int:
+    async def work(cache: CachingEmbedder, _uncached, _pool):
+        await cache.embed_image(jpeg(1))
+        return cache.cache_stats().bytes
+
+    return with_cache(target, work)
+
+
+class InstantEmbedder:
+    """A STAND-IN for the encoders (named as one): unit vectors at once, to fill a cache
+    quickly and measure the cache's own memory."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.rng = np.random.default_rng(0)
+
+    async def next_model_id(self, field: str = "model_id") -> str:
+        return "VPM-Tiny/random-seed0"
+
+    async def embed_text(self, text: str, field: str = "text") -> Embedding:
+        vector = self.rng.standard_normal(self.dim).astype(np.float32)
+        return Embedding(vector / np.linalg.norm(vector), "VPM-Tiny/random-seed0")
+
+
+def test_the_byte_estimate_is_close_to_the_memory_an_entry_takes() -> None:
+    """tracemalloc, not the cache's own constant, is the oracle: what entries really take."""
+    import gc
+    import tracemalloc
+
+    count = 4000
+    cache = CachingEmbedder(InstantEmbedder(TINY_DIM), max_entries=count + 1, max_bytes=1 << 30)
+    texts = [f"query number {i}" for i in range(count)]  # made before the measurement
+
+    async def fill() -> None:
+        for text in texts:
+            await cache.embed_text(text)
+
+    async def warm() -> None:  # the event loop's own first allocations, outside the measure
+        await cache.embed_text("warm-up query")
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(warm())
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        loop.run_until_complete(fill())
+        gc.collect()
+        taken = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+    finally:
+        loop.close()
+    stats = cache.cache_stats()
+    assert stats.entries == count + 1
+    estimated = stats.bytes / stats.entries
+    measured = taken / count
+    # Never far under what an entry really takes (the bound is what keeps memory flat),
+    # and not so far over that the cache holds much less than it could.
+    assert 0.9 * measured <= estimated <= 1.5 * measured, (estimated, measured)
+
+
 def images_encoded(encoder_app: Any) -> float:
     registry = encoder_app.engine.metrics.registry
     return registry.get_sample_value("vpm_encoder_items_total", {"kind": "image"}) or 0.0
@@ -86,7 +155,7 @@ def test_a_repeated_query_is_a_hit_identical_to_the_uncached_vector(
     assert not np.array_equal(first.vector, other.vector)
     assert (stats.hits, stats.misses, stats.coalesced, stats.entries) == (1, 2, 0, 2)
     assert stats.hit_ratio == pytest.approx(1 / 3)
-    assert stats.bytes == 2 * (TINY_DIM * 4 + len(first.model_id) + ENTRY_OVERHEAD)
+    assert_entry_sizes(stats.bytes, 2, len(first.model_id))
     with pytest.raises(ValueError):
         first.vector[0] = 0  # shared by every hit: read-only
 
@@ -135,7 +204,7 @@ def test_least_recently_used_goes_first_by_entries_and_by_bytes(
     assert kept == 0 and after_2 == 1  # 1, 3 and 4 were held; 2 had gone
     assert (stats.entries, stats.evictions) == (3, 2)  # 2 went, then 1 (the least used then)
 
-    entry = TINY_DIM * 4 + len("VPM-Tiny/random-seed0") + ENTRY_OVERHEAD
+    entry = one_entry_bytes(real_encoder.target)
 
     async def by_bytes(cache: CachingEmbedder, _uncached, pool: CountingPool):
         for seed in (1, 2, 3):
@@ -318,7 +387,7 @@ def test_get_stats_and_metrics_report_the_cache_and_id_queries_skip_it(
     assert stats.enabled and (stats.hits, stats.misses, stats.entries) == (3, 1, 1)
     assert (stats.max_entries, stats.max_bytes) == (100, 64 * 1024 * 1024)
     assert stats.hit_ratio == pytest.approx(0.75)
-    assert stats.bytes == TINY_DIM * 4 + len("VPM-Tiny/random-seed0") + ENTRY_OVERHEAD
+    assert_entry_sizes(stats.bytes, 1, len("VPM-Tiny/random-seed0"))
     assert sample("vpm_search_query_cache_hits_total") - hits == 3
     assert sample("vpm_search_query_cache_misses_total") - misses == 1
     assert REGISTRY.get_sample_value("vpm_search_query_cache_hit_ratio") == pytest.approx(0.75)
