@@ -12,7 +12,7 @@ from PIL import Image
 
 from search_service.engine import SearchEngine
 from tests.support import ServerThread
-from vpm.v1 import search_pb2
+from vpm.v1 import encoder_pb2, encoder_pb2_grpc, search_pb2
 
 
 def jpeg(seed: int, size: int = 96) -> bytes:
@@ -73,8 +73,27 @@ def test_image_products_and_image_text_queries(
     )
     assert len(men.matches) == 6 and {m.product.gender for m in men.matches} == {"Men"}
     text = running.stub.Search(search_pb2.SearchRequest(text="a photo of a shoe", top_k=4))
-    assert len(text.matches) == 4
-    assert all(-1.0 <= m.score <= 1.0 for m in text.matches)
+    # The oracle: the text encoded by the encoder directly, ranked against the stored
+    # vectors by numpy.
+    encoder = encoder_pb2_grpc.EncoderStub(grpc.insecure_channel(real_encoder.target))
+    [item] = encoder.EncodeText(
+        encoder_pb2.TextBatch(texts=["a photo of a shoe"]), timeout=30
+    ).items
+    query = np.array(item.vector, dtype=np.float32)
+    stored = {
+        sku: np.array(
+            running.stub.GetProduct(
+                search_pb2.GetProductRequest(id=sku, include_vector=True), timeout=10
+            ).vector,
+            dtype=np.float32,
+        )
+        for sku in images
+    }
+    scores = {sku: float(vector @ query) for sku, vector in stored.items()}
+    expected = sorted(scores, key=lambda sku: -scores[sku])[:4]
+    assert [m.product.id for m in text.matches] == expected
+    for match in text.matches:
+        assert match.score == pytest.approx(scores[match.product.id], abs=1e-5)
 
     with pytest.raises(grpc.RpcError) as caught:
         running.stub.Search(search_pb2.SearchRequest(image=b"GIF89a but broken"))
