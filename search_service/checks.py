@@ -89,8 +89,8 @@ def checked_rows(
     """The products that pass the checks and their vectors normalized, one row each.
 
     The bulk form of `checked_items` for products with vectors, given as a
-    `row_matrix`, and their model ids (no encoder is asked for one); failures
-    are recorded in `summary`, a product's own error before its vector's.
+    `row_matrix`; failures are recorded in `summary`, a product's own error
+    before its vector's. Model ids are the caller's to fill (see the engine).
     """
     unit, errors = unit_rows(matrix, "vector")
     kept: list[Product] = []
@@ -99,8 +99,6 @@ def checked_rows(
         try:
             _check_id(product)
             _check_image_hash(product)
-            if not product.model_id:
-                raise InvalidArgument("model_id: must name the model that produced the vector")
         except InvalidArgument as err:
             errors[row] = err
         if row in errors:

@@ -14,8 +14,8 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +24,15 @@ from search_service.catalog import Catalog, Rows, UpsertWrite
 from search_service.checks import checked_items, checked_rows, query_options, row_matrix
 from search_service.collector import collector_paused
 from search_service.embedder import QueryEmbedder
-from search_service.filters import Term
+from search_service.facets import count_facets, facet_fields, max_values_of
+from search_service.filters import Term, parse_filters
 from search_service.index import FLAT, single_threaded
 from search_service.mirror import CatalogMirror, CaughtUp, Change
 from search_service.models import (
     DEFAULT_TOP_K,
     DeleteSummary,
+    FacetQuery,
+    FacetResult,
     ItemFailure,
     Match,
     Product,
@@ -37,8 +40,10 @@ from search_service.models import (
     SearchQuery,
     SearchResult,
     Stats,
+    UpsertEntry,
     UpsertItem,
     UpsertSummary,
+    VectorBatch,
 )
 from search_service.query_cache import CachingEmbedder, Embedder
 from search_service.vectors import unit_vector
@@ -86,6 +91,8 @@ class SearchEngine:
         self._executor = ThreadPoolExecutor(
             search_threads, thread_name_prefix="search", initializer=single_threaded
         )
+        # Commits an upsert's batches, each queued behind the one under way (see _Commits).
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="commit")
         # Makes an upsert's batches durable beside its next commits (see _commit).
         self._syncer = ThreadPoolExecutor(1, thread_name_prefix="sync")
         self.loaded = False
@@ -147,6 +154,7 @@ class SearchEngine:
             self._applier.submit(lambda: None).result()  # what was committed is applied
             self.save_snapshot()
         finally:
+            self._committer.shutdown(wait=True)
             self._applier.shutdown(wait=True)
             self._syncer.shutdown(wait=True)
             self._executor.shutdown(wait=True)
@@ -272,6 +280,23 @@ class SearchEngine:
                 query_cache=self.query_cache_stats(),
             )
 
+    def facets(self, query: FacetQuery) -> FacetResult:
+        """The values of some fields among the products the filters match, with their counts."""
+        self._require_loaded()
+        fields = facet_fields(query.fields)
+        max_values = max_values_of(query.max_values)
+        terms = parse_filters(query.filters)
+        mirror = self.mirror
+        with mirror.lock.read():
+            records = mirror.records
+            if terms:
+                products = [records[key] for key in mirror.filters.matching(terms).tolist()]
+            else:
+                products = list(records.values())
+            return FacetResult(
+                count_facets(products, fields, max_values), len(products), mirror.version
+            )
+
     def query_cache_stats(self) -> QueryCacheStats:
         """The query embedding cache's counters (all zero without a cache in front)."""
         if isinstance(self.embedder, CachingEmbedder):
@@ -286,93 +311,70 @@ class SearchEngine:
 
     # -- writes --------------------------------------------------------------------------
 
-    async def upsert(self, items: AsyncIterable[UpsertItem]) -> UpsertSummary:
-        """Apply a stream of products in batches; the summary comes once all are committed,
-        applied and synced (see `_commit`'s durable).
+    async def upsert(
+        self, entries: AsyncIterable[UpsertEntry], expected_new: int = 0
+    ) -> UpsertSummary:
+        """The one ingest path: products one by one (UpsertItem, with a vector or an image)
+        or many at once (VectorBatch, with a matrix); the summary comes once all are
+        committed, applied and synced (see `_commit`'s durable).
 
-        Batches are pipelined: one is checked and encoded while the one before is
-        written. An id sent twice is applied in order (the batch is cut before
-        the repeat), so the last one wins and every occurrence is counted.
+        Single items are gathered into batches of `batch_size`; a VectorBatch is
+        checked as it comes, its rows as one matrix. What passes is cut into
+        commits of at most `batch_size` with distinct ids (cut before a repeat, so
+        the last one wins and every occurrence is counted; small batches are
+        joined), pipelined as `_Commits` says. `expected_new`: how many new ids the
+        caller knows will come, for room in the index made in one step (see
+        VectorIndex.reserve). The garbage collector pauses meanwhile (see
+        `collector_paused`).
         """
         self._require_loaded()
         summary = UpsertSummary(catalog_version=self.mirror.version)
-        writing: asyncio.Future | None = None  # the previous batch's commit
-        applying: list[Future] = []  # what the commits queued: applies to the mirror, syncs
+        commits = _Commits(self, summary, expected_new)
+        cutter = _Cutter(self.batch_size)
+        items: list[UpsertItem] = []
 
-        async def flush(batch: list[UpsertItem]) -> None:
-            nonlocal writing
-            prepared = await self._prepare(batch, summary)
-            if writing is not None:
-                summary.add(await writing)
+        async def commit(products: list[Product], vectors: np.ndarray | list) -> None:
+            # Rows are built in a worker thread: the event loop goes on serving searches.
+            for rows in await asyncio.to_thread(cutter.add, products, vectors):
+                await commits.put(rows)
 
-            def commit() -> UpsertSummary:  # the rows are built there too, off the event loop
-                return self._commit(Rows(prepared), applying, durable=False)
-
-            writing = asyncio.ensure_future(asyncio.to_thread(commit))
-
-        batch: list[UpsertItem] = []
-        ids: set[str] = set()
-        try:
-            async for item in items:
-                if item.product.id in ids or len(batch) >= self.batch_size:
-                    await flush(batch)
-                    batch, ids = [], set()
-                batch.append(item)
-                ids.add(item.product.id)
-            if batch:
-                await flush(batch)
-            if writing is not None:
-                summary.add(await writing)
-        finally:
-            # Whatever happened to the stream, a commit in flight finishes and is applied.
-            if writing is not None and not writing.done():
-                await asyncio.wait([writing])
-                if not writing.cancelled():
-                    writing.exception()  # raised or not, the stream's own error comes first
-            await asyncio.gather(*(asyncio.wrap_future(f) for f in list(applying)))
+        with collector_paused():
+            try:
+                async for entry in entries:
+                    if isinstance(entry, UpsertItem):
+                        items.append(entry)
+                        if len(items) < self.batch_size:
+                            continue
+                    if items:  # before a VectorBatch too: the order is the caller's
+                        await commit(*await self._prepare(items, summary))
+                        items = []
+                    if isinstance(entry, VectorBatch):
+                        await commit(*await self._prepare_vectors(entry, summary))
+                if items:
+                    await commit(*await self._prepare(items, summary))
+                if (rows := cutter.rest()) is not None:
+                    await commits.put(rows)
+                await commits.finish()
+            finally:
+                await commits.settle()
         return summary
 
     def upsert_products(self, products: Sequence[Product], vectors: np.ndarray) -> UpsertSummary:
-        """Bulk upsert of products that carry their model ids, with their vectors as rows.
-
-        Batches of `batch_size` (cut before an id repeated within one, so the last
-        wins) are checked here while the batch before is committed on a writer
-        thread, and the one before that is applied to the index (which makes room
-        for all of them at the first). Each checked batch waits in the writer's
-        queue, so the writer goes on to it as soon as a commit ends rather than
-        when this thread gets to hand it over (gaps of ~15 ms a batch otherwise,
-        measured); hence when a commit fails, the batch queued behind it may
-        still commit before the error is raised: a re-send converges either way.
-        The summary comes once every batch is applied and synced (see `_commit`'s
-        durable). The garbage collector pauses meanwhile (see `collector_paused`).
-        """
+        """`upsert` for callers without an event loop (tests, benchmarks): the products,
+        each naming its model, with their vectors as rows, in VectorBatches of
+        `batch_size`, and room made in the index for the new ids among them."""
         self._require_loaded()
         products = list(products)
         matrix = row_matrix(vectors, len(products))
-        summary = UpsertSummary(catalog_version=self.mirror.version)
-        applying: list[Future] = []
-        writing: Future | None = None
         with self.mirror.lock.read():  # room only for new ids: an update reuses its own
             new = sum(product.id not in self.mirror.keys for product in products)
-        with collector_paused():
-            try:
-                with ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
-                    for part in _batches([product.id for product in products], self.batch_size):
-                        kept, unit = checked_rows(products[part], matrix[part], summary)
-                        rows = Rows(zip(kept, unit, strict=True), unit)
-                        # The first batch's apply makes room in the index for them all.
-                        reserve = new if writing is None else 0
-                        queued = writer.submit(self._commit, rows, applying, reserve, durable=False)
-                        if writing is not None:
-                            summary.add(writing.result())
-                        writing = queued
-                    if writing is not None:
-                        summary.add(writing.result())
-            finally:
-                wait(applying)  # whatever happened, what was committed is applied and synced
-        for future in applying:
-            future.result()
-        return summary
+        size = self.batch_size
+
+        async def batches() -> AsyncIterator[VectorBatch]:
+            for start in range(0, len(products), size):
+                yield VectorBatch(products[start : start + size], matrix[start : start + size])
+
+        return asyncio.run(self.upsert(batches(), expected_new=new))
 
     def delete(self, product_ids: Sequence[str]) -> DeleteSummary:
         self._require_loaded()
@@ -386,22 +388,37 @@ class SearchEngine:
 
     async def _prepare(
         self, batch: list[UpsertItem], summary: UpsertSummary
-    ) -> list[tuple[Product, np.ndarray]]:
-        """Check a batch, skip unchanged images, fill model ids, encode images (failures noted)."""
-        ready: list[tuple[Product, np.ndarray]] = []
+    ) -> tuple[list[Product], list[np.ndarray]]:
+        """Check single items, skip unchanged images, fill model ids, encode images
+        (failures noted): the products that remain and their unit vectors."""
+        products: list[Product] = []
+        vectors: list[np.ndarray] = []
         images: list[tuple[Product, bytes]] = []
         for item in checked_items(batch, summary):
             if item.image is None:
-                ready.append((item.product, item.vector))
+                products.append(item.product)
+                vectors.append(item.vector)
             elif self._unchanged_image(item.product):
                 summary.unchanged += 1
             else:
                 images.append((item.product, item.image))
-        if any(not product.model_id for product, _ in ready):
-            ready = await self._with_encoder_model(ready, summary)
+        products, kept = await self._with_encoder_model(products, summary)
+        vectors = [vectors[i] for i in kept]
         if images:
-            ready.extend(await self._encode(images, summary))
-        return ready
+            for product, vector in await self._encode(images, summary):
+                products.append(product)
+                vectors.append(vector)
+        return products, vectors
+
+    async def _prepare_vectors(
+        self, batch: VectorBatch, summary: UpsertSummary
+    ) -> tuple[list[Product], np.ndarray]:
+        """Check a VectorBatch (its rows as one matrix) and fill model ids (failures
+        noted): the products that remain and their unit vectors as rows."""
+        matrix = row_matrix(batch.vectors, len(batch.products))
+        products, unit = await asyncio.to_thread(checked_rows, batch.products, matrix, summary)
+        products, kept = await self._with_encoder_model(products, summary)
+        return products, unit if len(kept) == len(unit) else unit[kept]
 
     def _commit(
         self, rows: Rows, applying: list[Future], reserve: int = 0, durable: bool = True
@@ -481,22 +498,27 @@ class SearchEngine:
         )
 
     async def _with_encoder_model(
-        self, items: list[tuple[Product, np.ndarray]], summary: UpsertSummary
-    ) -> list[tuple[Product, np.ndarray]]:
-        """Products sent without a model id take the encoders' model, as the contract says."""
+        self, products: list[Product], summary: UpsertSummary
+    ) -> tuple[list[Product], list[int]]:
+        """Products sent without a model id take the encoders' model, as the contract says:
+        the products, and the positions of those kept (all but those no encoder named)."""
+        missing = [i for i, product in enumerate(products) if not product.model_id]
+        if not missing:
+            return products, list(range(len(products)))
         try:
             model_id, failure = await self.embedder.model_id("model_id"), None
         except VpmError as err:
             model_id, failure = None, err
-        kept = []
-        for product, vector in items:
-            if product.model_id:
-                kept.append((product, vector))
-            elif failure is not None:
-                summary.failures.append(ItemFailure(product.id, failure.code, failure.message))
+        products = list(products)
+        for i in missing:
+            if failure is None:
+                products[i] = dataclasses.replace(products[i], model_id=model_id)
             else:
-                kept.append((dataclasses.replace(product, model_id=model_id), vector))
-        return kept
+                summary.failures.append(ItemFailure(products[i].id, failure.code, failure.message))
+        if failure is None:
+            return products, list(range(len(products)))
+        kept = sorted(set(range(len(products))) - set(missing))
+        return [products[i] for i in kept], kept
 
     async def _encode(
         self, images: list[tuple[Product, bytes]], summary: UpsertSummary
@@ -516,16 +538,108 @@ class SearchEngine:
         return encoded
 
 
-def _batches(ids: Sequence[str], size: int) -> Iterator[slice]:
-    """Runs of at most `size` positions with distinct ids, cut before a repeated one."""
-    start, seen = 0, set()
-    for position, product_id in enumerate(ids):
-        if product_id in seen or position - start >= size:
-            yield slice(start, position)
-            start, seen = position, set()
-        seen.add(product_id)
-    if start < len(ids):
-        yield slice(start, len(ids))
+class _Cutter:
+    """Checked products and unit vectors cut into commits: at most `size` each, with
+    distinct ids (cut before a repeated one, so that the last wins); what is left
+    waits for more."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._parts: list[tuple[list[Product], np.ndarray | list[np.ndarray]]] = []
+        self._ids: set[str] = set()
+
+    def add(self, products: list[Product], vectors: np.ndarray | list[np.ndarray]) -> list[Rows]:
+        """The commits that `products` complete, in order."""
+        full = []
+        ids, start = self._ids, 0
+        for position, product in enumerate(products):
+            if product.id in ids:  # the repeat starts the next commit
+                self._parts.append((products[start:position], vectors[start:position]))
+                full.append(self._take())
+                ids, start = self._ids, position
+            ids.add(product.id)
+            if len(ids) == self.size:  # full: committed now, not when more comes
+                self._parts.append((products[start : position + 1], vectors[start : position + 1]))
+                full.append(self._take())
+                ids, start = self._ids, position + 1
+        if start < len(products):
+            self._parts.append((products[start:], vectors[start:]))
+        return full
+
+    def rest(self) -> Rows | None:
+        """The last commit, once nothing more comes."""
+        return self._take() if self._parts else None
+
+    def _take(self) -> Rows:
+        parts, self._parts, self._ids = [p for p in self._parts if len(p[0])], [], set()
+        if len(parts) == 1:
+            products, vectors = parts[0]
+        else:
+            products = [product for part, _ in parts for product in part]
+            matrices = [part for _, part in parts if isinstance(part, np.ndarray)]
+            if len(matrices) == len(parts) and len({m.shape[1] for m in matrices}) == 1:
+                vectors = np.concatenate(matrices)
+            else:
+                vectors = [vector for _, part in parts for vector in part]
+        # A matrix goes on to the index as it is, rather than stacked again there.
+        matrix = vectors if isinstance(vectors, np.ndarray) else None
+        return Rows(zip(products, vectors, strict=True), matrix)
+
+
+class _Commits:
+    """One upsert's commits: each queued behind the one under way, then awaited.
+
+    A checked batch waits in the committer's queue, so the committer goes on to
+    it as soon as a commit ends rather than when the upsert gets to hand it over
+    (gaps of ~15 ms a batch otherwise, measured), while the batch before is
+    applied to the index. Hence when a commit fails, the batch queued behind it
+    may still commit before the error is raised: a re-send converges either way.
+    """
+
+    def __init__(self, engine: SearchEngine, summary: UpsertSummary, reserve: int) -> None:
+        self.engine = engine
+        self.summary = summary
+        self.reserve = reserve  # room to make at the first apply (see VectorIndex.reserve)
+        self.applying: list[Future] = []  # what the commits queued: applies, syncs
+        self.writing: Future | None = None  # the last commit queued
+
+    async def put(self, rows: Rows) -> None:
+        """Queue a commit, then wait for the one before it."""
+        engine = self.engine
+        queued = engine._committer.submit(
+            engine._commit, rows, self.applying, self.reserve, durable=False
+        )
+        self.reserve = 0
+        before, self.writing = self.writing, queued
+        if before is not None:
+            self.summary.add(await asyncio.wrap_future(before))
+
+    async def finish(self) -> None:
+        """Wait for the last commit, and for every apply and sync (raising their error)."""
+        if self.writing is not None:
+            last, self.writing = self.writing, None
+            self.summary.add(await asyncio.wrap_future(last))
+        await self.settle()
+        for future in self.applying:
+            future.result()
+
+    async def settle(self) -> None:
+        """Whatever happened, a commit in flight ends and what was committed is applied
+        and synced (their errors are left to `finish`; the upsert's own comes first)."""
+        if self.writing is not None:
+            await _ended([self.writing])
+        await _ended(self.applying)
+
+
+async def _ended(futures: list[Future]) -> None:
+    """Wait until `futures` are done, whatever their outcome (left in them for `result`)."""
+    if not futures:
+        return
+    waiting = [asyncio.wrap_future(future) for future in futures]
+    await asyncio.wait(waiting)
+    for future in waiting:  # seen here, so that asyncio does not log them as never retrieved
+        if not future.cancelled():
+            future.exception()
 
 
 def _pages(items: Iterable, size: int) -> Iterable[list]:

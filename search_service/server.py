@@ -11,6 +11,7 @@ from grpc_health.v1 import health
 from search_service import convert
 from search_service.engine import SearchEngine
 from search_service.metrics import PRODUCTS, QUERY_CACHE, UPSERTED, observed
+from search_service.models import UpsertSummary
 from search_service.settings import SearchSettings
 from vpm.v1 import search_pb2, search_pb2_grpc
 from vpm_common.deadlines import caller_deadline
@@ -40,9 +41,16 @@ class SearchServicer(search_pb2_grpc.SearchServicer):
     ) -> search_pb2.UpsertSummary:
         with caller_deadline(context):
             summary = await self.engine.upsert(convert.upsert_items(request_iterator))
-        for outcome in ("inserted", "updated", "unchanged", "failed"):
-            UPSERTED.labels(outcome).inc(getattr(summary, outcome))
-        return convert.upsert_summary(summary)
+        return _upserted(summary)
+
+    @observed
+    @rpc_boundary
+    async def UpsertProductBatches(
+        self, request_iterator: AsyncIterator[search_pb2.ProductBatch], context: aio.ServicerContext
+    ) -> search_pb2.UpsertSummary:
+        with caller_deadline(context):
+            summary = await self.engine.upsert(convert.upsert_entries(request_iterator))
+        return _upserted(summary)
 
     @observed
     @rpc_boundary
@@ -76,6 +84,21 @@ class SearchServicer(search_pb2_grpc.SearchServicer):
         self, request: search_pb2.GetStatsRequest, context: aio.ServicerContext
     ) -> search_pb2.Stats:
         return convert.stats_message(await self.engine.stats())
+
+    @observed
+    @rpc_boundary
+    async def GetFacets(
+        self, request: search_pb2.GetFacetsRequest, context: aio.ServicerContext
+    ) -> search_pb2.Facets:
+        result = await asyncio.to_thread(self.engine.facets, convert.facet_query(request))
+        return convert.facets_message(result)
+
+
+def _upserted(summary: UpsertSummary) -> search_pb2.UpsertSummary:
+    """The reply to an upsert, counted in the metrics."""
+    for outcome in ("inserted", "updated", "unchanged", "failed"):
+        UPSERTED.labels(outcome).inc(getattr(summary, outcome))
+    return convert.upsert_summary(summary)
 
 
 class SearchApp:

@@ -23,6 +23,10 @@ from vpm_common.errors import FailedPrecondition, InvalidArgument, NotFound, Una
 
 OpenEngine = Callable[..., SearchEngine]
 DIM = 64
+NO_ENCODER_MODEL = (
+    "model_id: no encoder is configured (--encoder), so image and text queries are "
+    "unavailable; product_id and vector queries work"
+)
 
 
 @pytest.fixture(scope="module")
@@ -194,11 +198,7 @@ def test_upsert_stream_counts_each_outcome_and_last_duplicate_wins(
             "vector: 3 values, but the catalog holds 4-dimensional vectors of model 'test-model'",
         ),
         "model": (9, "model_id: 'other' differs from the catalog's model 'test-model'"),
-        "nomodel": (
-            14,
-            "model_id: no encoder is configured (--encoder), so image and text "
-            "queries are unavailable; product_id and vector queries work",
-        ),
+        "nomodel": (14, NO_ENCODER_MODEL),
         "sha": (3, "image_sha256: must be 64 lower-case hex digits"),
     }
     assert summary.failed == 9
@@ -234,7 +234,8 @@ def test_bulk_upsert_fails_bad_rows_alone_and_cuts_batches_at_repeats(
         "zero": (3, "vector: has zero norm"),
         "model": (9, "model_id: 'other' differs from the catalog's model 'test-model'"),
         "sha": (3, "image_sha256: must be 64 lower-case hex digits"),
-        "nomodel": (3, "model_id: must name the model that produced the vector"),
+        # As in the stream: no model id means the encoders', and there are none here.
+        "nomodel": (14, NO_ENCODER_MODEL),
     }
     assert engine.get("p0")[0].name == "second"
     np.testing.assert_allclose(engine.get("tiny", include_vector=True)[1], [0.5] * 4)

@@ -17,7 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support import free_port
-from vpm.v1 import search_pb2, search_pb2_grpc
+from vpm.v1 import search_pb2, search_pb2_grpc, vectors_pb2
 
 pytestmark = pytest.mark.slow
 
@@ -149,8 +149,30 @@ def test_sigterm_stops_in_order_and_a_restart_uses_the_snapshot(
     assert again.stop() == 0
 
 
+def as_batches(products: Iterator[search_pb2.Product], size: int = 30) -> Iterator:
+    """Products as UpsertProductBatches messages of `size`, each with one float32 matrix,
+    each sent as soon as its products are drawn."""
+    chunk: list[search_pb2.Product] = []
+    for product in products:
+        chunk.append(product)
+        if len(chunk) == size:
+            yield _matrix_batch(chunk)
+            chunk = []
+    if chunk:
+        yield _matrix_batch(chunk)
+
+
+def _matrix_batch(chunk: list[search_pb2.Product]) -> search_pb2.ProductBatch:
+    rows = np.array([p.vector for p in chunk], dtype="<f4")
+    for product in chunk:
+        product.ClearField("vector")
+    matrix = vectors_pb2.VectorMatrix(rows=len(chunk), dim=DIM, data=rows.tobytes())
+    return search_pb2.ProductBatch(products=chunk, vectors=matrix)
+
+
+@pytest.mark.parametrize("rpc", ["UpsertProducts", "UpsertProductBatches"])
 def test_kill_9_mid_stream_loses_nothing_acknowledged(
-    start_service: Callable[..., Service],
+    start_service: Callable[..., Service], rpc: str
 ) -> None:
     calls = 40
     kill_in_call = 12
@@ -167,9 +189,15 @@ def test_kill_9_mid_stream_loses_nothing_acknowledged(
                 service.process.wait(10)
             yield product
 
+    def send(call: int) -> search_pb2.UpsertSummary:
+        if rpc == "UpsertProducts":
+            return service.stub.UpsertProducts(stream(call), timeout=30)
+        # Lazily, so that the kill comes after the messages before it were sent.
+        return service.stub.UpsertProductBatches(as_batches(stream(call)), timeout=30)
+
     for call in range(kill_in_call + 1):
         try:
-            summary = service.stub.UpsertProducts(stream(call), timeout=30)
+            summary = send(call)
         except grpc.RpcError as err:
             assert err.code() == grpc.StatusCode.UNAVAILABLE
             break
