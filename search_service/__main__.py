@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from search_service.catalog import Catalog
 from search_service.embedder import QueryEmbedder
 from search_service.engine import SearchEngine
+from search_service.gpu import DeviceError, resolve_device
 from search_service.index import check_index_settings
 from search_service.query_cache import CachingEmbedder
 from search_service.server import SearchApp, create_server
@@ -49,6 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def serve(settings: SearchSettings) -> int:
     """Open the catalog, listen (NOT_SERVING), load, report SERVING; on a signal, stop in order."""
+    try:
+        device = resolve_device(settings.index_device, settings.index_factory)
+    except DeviceError as err:
+        raise SettingsError(f"{describe(SearchSettings, 'index_device', PREFIX)}: {err}") from None
     catalog = await asyncio.to_thread(
         Catalog.open, settings.catalog_url, settings.sqlite_synchronous, settings.catalog_pool_size
     )
@@ -82,6 +87,8 @@ async def serve(settings: SearchSettings) -> int:
         search_threads=settings.search_threads,
         scan_threads=settings.scan_threads,
     )
+    # SearchEngine passes no device to its mirror yet: set it before the index is built.
+    engine.mirror.device = device
     app = SearchApp(engine)
     server, port = await create_server(settings, app)
     if settings.metrics_port:
@@ -90,11 +97,12 @@ async def serve(settings: SearchSettings) -> int:
         start_http_server(settings.metrics_port)
     await server.start()
     logger.info(
-        "search service on port %d (%s; catalog %s, index %s, encoders %s): loading",
+        "search service on port %d (%s; catalog %s, index %s on %s, encoders %s): loading",
         port,
         settings.security().describe(),
         catalog.url,
         settings.index_factory,
+        device,
         ",".join(settings.encoder) or "none",
     )
     stop = asyncio.ensure_future(wait_for_stop_signal())

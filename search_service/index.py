@@ -11,6 +11,10 @@ float32 top k, not an approximation.
 Any other FAISS factory string (HNSW32, "IVF4096,PQ64", ...) is approximate.
 Such indexes cannot remove vectors in place, so each vector gets a label (its
 position) and a removed vector becomes a tombstone that searches skip.
+
+On device "cuda" (see search_service.gpu) this CPU index stays the master and a
+replica in GPU memory answers the first pass of each search; the rest (exact
+rescoring, filters, snapshots) is the same code as on the CPU.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from search_service import gpu
+from search_service.exact_topk import FirstPass, exact_top_k, first_fetch
 from vpm_common.errors import FailedPrecondition
 
 logger = logging.getLogger(__name__)
@@ -40,6 +46,8 @@ FLAT = "Flat"
 FP16_SCORE_ERROR = 1e-3
 # Filters that leave at most this many products are scored directly, without a scan.
 DIRECT_LIMIT = 2048
+# Vectors scored per matrix product when a large set is scored exactly (bounds the memory).
+SCORE_CHUNK = 65_536
 SNAPSHOT_FORMAT = 1
 # Search-time defaults for approximate indexes; `params` overrides them.
 DEFAULT_PARAMS = {"HNSW": "efSearch=128", "IVF": "nprobe=32"}
@@ -103,30 +111,43 @@ class VectorIndex:
     """Unit vectors keyed by int64 catalog keys; scores are inner products (cosines)."""
 
     def __init__(
-        self, dim: int, factory: str = FLAT, params: str = "", scan_threads: int = 1
+        self,
+        dim: int,
+        factory: str = FLAT,
+        params: str = "",
+        scan_threads: int = 1,
+        device: str = "cpu",
     ) -> None:
+        if device == "cuda" and (problem := gpu.factory_problem(factory)) is not None:
+            raise gpu.DeviceError(problem)
         self.dim = dim
         self.factory = factory
         self.params = params
+        self.device = device
         self._present = np.zeros(0, dtype=bool)  # by key
+        # The search replica in GPU memory (device cuda; IVF: once trained).
+        self._replica: gpu.Replica | None = None
+        # Labels of the rows of an index that removes nothing in place: the approximate
+        # index (and its replica), or the replica alone of a Flat index.
+        self._rows = _Labels()
         if factory == FLAT:
             self._exact = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-            # The float16 copy in shards (key % shards) that one query scans in parallel.
+            # The float16 copy in shards (key % shards) that one query scans in parallel;
+            # on cuda the replica takes its place.
             self._coarse = [
                 faiss.IndexIDMap2(
                     faiss.IndexScalarQuantizer(
                         dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
                     )
                 )
-                for _ in range(max(1, scan_threads))
+                for _ in range(max(1, scan_threads) if device == "cpu" else 0)
             ]
             self._scans = _Scans()
             self._ann = None
+            if device == "cuda":
+                self._replica = gpu.Replica(gpu.new_flat_replica(dim))
         else:
             self._ann = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-            self._label_keys = np.zeros(0, dtype=np.int64)  # by label; -1 once removed
-            self._key_labels = np.zeros(0, dtype=np.int64)  # by key; -1 when absent
-            self._dead = 0
             self._apply_params()
 
     # -- state ---------------------------------------------------------------------------
@@ -142,14 +163,14 @@ class VectorIndex:
     @property
     def dead_fraction(self) -> float:
         """Share of tombstones among stored vectors (approximate indexes only)."""
-        if self._ann is None or self._ann.ntotal == 0:
+        if self._ann is None or self._rows.rows == 0:
             return 0.0
-        return self._dead / self._ann.ntotal
+        return self._rows.dead / self._rows.rows
 
     def __len__(self) -> int:
         if self._ann is None:
             return int(self._exact.ntotal)
-        return int(self._ann.ntotal) - self._dead
+        return self._rows.rows - self._rows.dead
 
     def keys(self) -> np.ndarray:
         """Every key held, sorted."""
@@ -177,7 +198,7 @@ class VectorIndex:
         """
         if self._ann is not None or extra <= 0:
             return
-        per_shard = -(-extra // len(self._coarse))
+        per_shard = -(-extra // max(1, len(self._coarse)))
         for index, count in [(self._exact, extra), *((c, per_shard) for c in self._coarse)]:
             storage = faiss.downcast_index(index.index)
             codes = storage.codes
@@ -198,17 +219,14 @@ class VectorIndex:
         self._grow(int(keys.max()) + 1)
         if self._ann is None:
             self._exact.add_with_ids(vectors, keys)
-            self._add_coarse(keys, vectors)
+            if self._replica is None:
+                self._add_coarse(keys, vectors)
         else:
-            first = int(self._ann.ntotal)
-            labels = np.arange(first, first + len(keys), dtype=np.int64)
             self._ann.add(vectors)
-            if len(self._label_keys) < first + len(keys):
-                grown = np.full(max(2 * len(self._label_keys), first + len(keys)), -1, np.int64)
-                grown[: len(self._label_keys)] = self._label_keys
-                self._label_keys = grown
-            self._label_keys[labels] = keys
-            self._key_labels[keys] = labels
+        if self._replica is not None:
+            self._replica.add(vectors)
+        if self._ann is not None or self._replica is not None:
+            self._rows.add(keys)
         self._present[keys] = True
 
     def remove(self, keys: np.ndarray) -> int:
@@ -223,11 +241,16 @@ class VectorIndex:
             self._exact.remove_ids(selector)
             for shard in self._coarse:
                 shard.remove_ids(selector)
-        else:
-            self._label_keys[self._key_labels[keys]] = -1
-            self._key_labels[keys] = -1
-            self._dead += len(keys)
+        if self._ann is not None or self._replica is not None:
+            self._rows.remove(keys)
         self._present[keys] = False
+        if (
+            self._ann is None
+            and self._replica is not None
+            and 4 * self._rows.dead > self._rows.rows
+        ):
+            # The Flat master holds every vector: refill the replica without its tombstones.
+            self._refill_replica()
         return len(keys)
 
     # -- reads ---------------------------------------------------------------------------
@@ -237,7 +260,7 @@ class VectorIndex:
         keys = np.asarray(keys, dtype=np.int64)
         if self._ann is None:
             return self._exact.reconstruct_batch(keys)
-        return self._ann.reconstruct_batch(self._key_labels[keys])
+        return self._ann.reconstruct_batch(self._rows.labels[keys])
 
     def search(
         self, query: np.ndarray, k: int, allowed: np.ndarray | None = None
@@ -261,29 +284,64 @@ class VectorIndex:
         return self._ann_search(query, k, allowed)
 
     def _score(self, query: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        scores = self.vectors(keys) @ query
+        """The exact best k of `keys`, best first; equal scores in the order of `keys`."""
+        if len(keys) > SCORE_CHUNK:
+            parts = [
+                self._score(query, keys[start : start + SCORE_CHUNK], k)
+                for start in range(0, len(keys), SCORE_CHUNK)
+            ]
+            keys = np.concatenate([part[0] for part in parts])
+            scores = np.concatenate([part[1] for part in parts])
+        else:
+            scores = self.vectors(keys) @ query
         order = np.argsort(-scores, kind="stable")[:k]
         return keys[order], scores[order].astype(np.float32)
 
     def _flat_search(
         self, query: np.ndarray, k: int, allowed: np.ndarray | None, available: int
     ) -> tuple[np.ndarray, np.ndarray]:
+        def score(keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+            return self._score(query[0], keys, k)
+
+        if self._replica is not None:
+            return self._replica_search(query[0], k, allowed, available, score)
         bits = None if allowed is None else _bitmap(allowed, len(self._present))
         selector = None if bits is None else faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))
-        fetch = min(available, max(2 * k, k + 64))
-        while True:
-            coarse_scores, keys = self._coarse_search(query, fetch, selector)
-            held = keys >= 0
-            keys, coarse_scores = keys[held], coarse_scores[held]
-            # A vector left out scores at most coarse_scores[-1] + error in float32; the k
-            # candidates ahead score at least coarse_scores[k-1] - error.
-            if (
-                len(keys) < fetch
-                or fetch >= available
-                or coarse_scores[-1] < coarse_scores[k - 1] - 2 * FP16_SCORE_ERROR
-            ):
-                return self._score(query[0], keys, k)
-            fetch = min(available, fetch * 4)
+
+        def scan(fetch: int) -> tuple[np.ndarray, np.ndarray]:
+            scores, keys = self._coarse_search(query, fetch, selector)
+            held = keys >= 0  # -1: past the last vector
+            return scores[held], keys[held]
+
+        first = FirstPass(scan, rows=available, error=FP16_SCORE_ERROR)
+        return exact_top_k(first, score, k, available)
+
+    def _replica_search(
+        self, query: np.ndarray, k: int, allowed: np.ndarray | None, available: int, score
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Flat on the GPU: the replica ranks every row, unfiltered; filters by oversampling."""
+        replica = self._replica
+        assert replica is not None
+
+        def scan(fetch: int) -> tuple[np.ndarray, np.ndarray]:
+            scores, labels = replica.scan(query, fetch)
+            return scores, self._rows.keys[labels]  # a tombstone's key is -1
+
+        passes = None
+        if allowed is not None:
+            passes = np.zeros(len(self._present), dtype=bool)
+            passes[allowed] = True
+        first = FirstPass(
+            scan, rows=replica.rows, error=gpu.GPU_SCORE_ERROR, limit=gpu.MAX_FETCH, filters=False
+        )
+        return exact_top_k(
+            first,
+            score,
+            k,
+            available,
+            passes,
+            subset=self.keys if allowed is None else lambda: np.asarray(allowed, np.int64),
+        )
 
     def _add_coarse(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         shards = len(self._coarse)
@@ -326,25 +384,39 @@ class VectorIndex:
     def _ann_search(
         self, query: np.ndarray, k: int, allowed: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray]:
+        rows = self._rows
         if allowed is None:
-            labels = None if self._dead == 0 else np.flatnonzero(self._label_keys >= 0)
+            labels = None if rows.dead == 0 else rows.live()
         else:
-            labels = self._key_labels[allowed]
-        bits = None if labels is None else _bitmap(labels, int(self._ann.ntotal))
-        try:
-            scores, found = self._ann.search(query, k, params=self._search_params(bits))
-            scores, found = scores[0], found[0]
-        except RuntimeError:
-            # This index type takes no selector: over-fetch, then filter here.
-            scores, found = self._overfetch(query, k, bits)
+            labels = rows.labels[allowed]
+        bits = None if labels is None else _bitmap(labels, rows.rows)
+        passing = len(self) if allowed is None else len(allowed)
+        replica = self._replica
+        if replica is not None:
+            # A GPU index takes no selector: oversample on the replica, filter here.
+            scores, found = self._overfetch(
+                lambda fetch: replica.scan(query[0], fetch), k, bits, passing, gpu.MAX_FETCH
+            )
+        else:
+            try:
+                scores, found = self._ann.search(query, k, params=self._search_params(bits))
+                scores, found = scores[0], found[0]
+            except RuntimeError:
+                # This index type takes no selector: over-fetch, then filter here.
+                scores, found = self._overfetch(
+                    lambda fetch: tuple(a[0] for a in self._ann.search(query, fetch)),
+                    k,
+                    bits,
+                    passing,
+                )
         held = found >= 0
         scores, found = scores[held], found[held]
         if len(found) < k:
             # Approximate search missed some passing vectors (a narrow filter): score them all.
-            pool = np.flatnonzero(self._label_keys >= 0) if labels is None else labels
-            keys, scores = self._score(query[0], self._label_keys[pool], k)
+            pool = rows.live() if labels is None else labels
+            keys, scores = self._score(query[0], rows.keys[pool], k)
             return keys, scores
-        return self._label_keys[found], scores
+        return rows.keys[found], scores
 
     def _search_params(self, bits: np.ndarray | None) -> faiss.SearchParameters | None:
         if bits is None:
@@ -361,20 +433,29 @@ class VectorIndex:
         return params
 
     def _overfetch(
-        self, query: np.ndarray, k: int, bits: np.ndarray | None
+        self,
+        search,
+        k: int,
+        bits: np.ndarray | None,
+        passing: int,
+        limit: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        total = int(self._ann.ntotal)
-        fetch = min(total, 4 * k + 16)
+        """The first k passing rows of `search(fetch)` (scores, labels), fetching deeper
+        until k pass, all rows were seen, or `limit` rows is as deep as it goes."""
+        total = self._rows.rows
+        fetch = first_fetch(k, passing, total)
+        if limit is not None:
+            fetch = min(fetch, limit)
         while True:
-            scores, found = self._ann.search(query, fetch)
-            scores, found = scores[0], found[0]
+            scores, found = search(fetch)
             keep = found >= 0
             if bits is not None:
                 labels = np.where(keep, found, 0)
                 keep &= (bits[labels >> 3] >> (labels & 7)) & 1 == 1
-            if keep.sum() >= k or fetch >= total:
+            deepest = fetch >= total or (limit is not None and fetch >= limit)
+            if keep.sum() >= k or deepest:
                 return scores[keep][:k], found[keep][:k]
-            fetch = min(total, fetch * 4)
+            fetch = min(total, fetch * 4, limit or total)
 
     # -- internals -----------------------------------------------------------------------
 
@@ -385,10 +466,6 @@ class VectorIndex:
         present = np.zeros(size, dtype=bool)
         present[: len(self._present)] = self._present
         self._present = present
-        if self._ann is not None:
-            labels = np.full(size, -1, dtype=np.int64)
-            labels[: len(self._key_labels)] = self._key_labels
-            self._key_labels = labels
 
     def _apply_params(self) -> None:
         inner = faiss.downcast_index(self._ann)
@@ -407,6 +484,25 @@ class VectorIndex:
         if ivf is not None:
             # Direct map: reconstruct vectors by label (narrow filters, rescoring).
             ivf.make_direct_map()
+        if self.device == "cuda":
+            self._replica = gpu.Replica(gpu.copy_to_gpu(self._ann))
+
+    def _stored(self) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and float32 vectors of a Flat index, in storage order (a view, not a copy)."""
+        keys = faiss.vector_to_array(self._exact.id_map).astype(np.int64)
+        flat = faiss.downcast_index(self._exact.index)
+        vectors = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * self.dim)
+        return keys, vectors.reshape(-1, self.dim)
+
+    def _refill_replica(self) -> None:
+        """Load every vector of the Flat master into an emptied replica, in chunks."""
+        assert self._replica is not None
+        keys, vectors = self._stored()
+        self._replica.reset()
+        self._rows = _Labels()
+        for start in range(0, len(keys), SCORE_CHUNK):
+            self._replica.add(vectors[start : start + SCORE_CHUNK])
+            self._rows.add(keys[start : start + SCORE_CHUNK])
 
     # -- snapshots -----------------------------------------------------------------------
 
@@ -433,12 +529,15 @@ class VectorIndex:
             "index": data,
         }
         if self._ann is not None:
-            arrays["label_keys"] = self._label_keys[: self._ann.ntotal].copy()
+            arrays["label_keys"] = self._rows.keys[: self._rows.rows].copy()
         return arrays
 
     @classmethod
-    def load(cls, path: Path, scan_threads: int = 1) -> tuple[VectorIndex, dict]:
-        """The index saved at `path` and its meta; SnapshotError when it cannot be trusted."""
+    def load(
+        cls, path: Path, scan_threads: int = 1, device: str = "cpu"
+    ) -> tuple[VectorIndex, dict]:
+        """The index saved at `path` (on either device) and its meta, on `device`;
+        SnapshotError when it cannot be trusted."""
         try:
             with np.load(path, allow_pickle=False) as archive:
                 header = json.loads(archive["header"].tobytes())
@@ -454,9 +553,15 @@ class VectorIndex:
             raise SnapshotError(f"snapshot {path} fails its checksum")
         try:
             index = cls(
-                int(header["dim"]), header["factory"], header.get("params", ""), scan_threads
+                int(header["dim"]),
+                header["factory"],
+                header.get("params", ""),
+                scan_threads,
+                device,
             )
             index._restore(faiss.deserialize_index(data), label_keys)
+        except gpu.DeviceError:
+            raise
         except Exception as err:  # noqa: BLE001
             raise SnapshotError(f"snapshot {path} does not load: {err}") from None
         if len(index) != header.get("size"):
@@ -467,23 +572,71 @@ class VectorIndex:
         if self._ann is None:
             # deserialize_index returns the concrete type and owns it: keep that proxy.
             self._exact = main
-            keys = faiss.vector_to_array(self._exact.id_map).astype(np.int64)
-            flat = faiss.downcast_index(self._exact.index)
-            vectors = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * self.dim)
-            if len(keys):
-                self._add_coarse(keys, vectors.reshape(-1, self.dim))
+            keys, vectors = self._stored()
+            if self._replica is not None:
+                self._refill_replica()
+            elif len(keys):
+                self._add_coarse(keys, vectors)
         else:
             self._ann = main
             self._apply_params()
-            self._label_keys = np.asarray(label_keys, dtype=np.int64).copy()
-            self._dead = int((self._label_keys < 0).sum())
-            keys = self._label_keys[self._label_keys >= 0]
+            self._rows = _Labels(np.asarray(label_keys, dtype=np.int64))
+            keys = self._rows.keys[self._rows.live()]
+            if self.device == "cuda" and self._ann.is_trained:
+                self._replica = gpu.Replica(gpu.copy_to_gpu(self._ann))
         self._present = np.zeros(0, dtype=bool)
         if len(keys):
             self._grow(int(keys.max()) + 1)
             self._present[keys] = True
-            if self._ann is not None:
-                self._key_labels[keys] = np.flatnonzero(self._label_keys >= 0)
+
+
+class _Labels:
+    """Rows of an index that removes nothing in place, labelled by position, and their keys.
+
+    A removed key's row stays as a tombstone (key -1) until the index is rebuilt.
+    """
+
+    def __init__(self, label_keys: np.ndarray | None = None) -> None:
+        self.keys = np.zeros(0, dtype=np.int64)  # by label; -1 once removed; room past `rows`
+        self.labels = np.zeros(0, dtype=np.int64)  # by key; -1 when absent
+        self.rows = 0
+        self.dead = 0
+        if label_keys is not None and len(label_keys):
+            self.keys = label_keys.copy()
+            self.rows = len(label_keys)
+            live = self.live()
+            self.dead = self.rows - len(live)
+            if len(live):
+                self._fit_keys(int(self.keys[live].max()) + 1)
+                self.labels[self.keys[live]] = live
+
+    def live(self) -> np.ndarray:
+        """The labels of rows not removed."""
+        return np.flatnonzero(self.keys[: self.rows] >= 0)
+
+    def add(self, keys: np.ndarray) -> None:
+        """Label new rows for `keys` (not held), after the last row."""
+        first, end = self.rows, self.rows + len(keys)
+        if len(self.keys) < end:
+            grown = np.full(max(2 * len(self.keys), end), -1, np.int64)
+            grown[: len(self.keys)] = self.keys
+            self.keys = grown
+        self.keys[first:end] = keys
+        self._fit_keys(int(keys.max()) + 1)
+        self.labels[keys] = np.arange(first, end, dtype=np.int64)
+        self.rows = end
+
+    def remove(self, keys: np.ndarray) -> None:
+        """Make tombstones of the rows of `keys` (all held)."""
+        self.keys[self.labels[keys]] = -1
+        self.labels[keys] = -1
+        self.dead += len(keys)
+
+    def _fit_keys(self, size: int) -> None:
+        if size > len(self.labels):
+            grown = np.full(max(size, 2 * len(self.labels), 1024), -1, np.int64)
+            grown[: len(self.labels)] = self.labels
+            self.labels = grown
 
 
 class _Scans:

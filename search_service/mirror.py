@@ -67,9 +67,11 @@ class CatalogMirror:
         factory: str = "Flat",
         params: str = "",
         scan_threads: int = 1,
+        device: str = "cpu",
     ) -> None:
         self.catalog = catalog
         self.scan_threads = scan_threads
+        self.device = device  # "cpu" or "cuda", resolved (see search_service.gpu)
         self.snapshot_path = Path(data_dir) / SNAPSHOT_NAME
         self.factory = factory
         self.params = params
@@ -178,7 +180,7 @@ class CatalogMirror:
         if state.dim is None:
             return None
         try:
-            index, meta = VectorIndex.load(self.snapshot_path, self.scan_threads)
+            index, meta = VectorIndex.load(self.snapshot_path, self.scan_threads, self.device)
         except SnapshotError as err:
             logger.warning("%s: rebuilding the index from the catalog", err)
             return None
@@ -363,7 +365,7 @@ class CatalogMirror:
         return CaughtUp(since, state.version, len(records), rebuilt=True)
 
     def _new_index(self, dim: int) -> VectorIndex:
-        return VectorIndex(dim, self.factory, self.params, self.scan_threads)
+        return VectorIndex(dim, self.factory, self.params, self.scan_threads, self.device)
 
     def _set_model(self, model_id: str | None, dim: int | None) -> None:
         """The catalog's model; a new one brings a new, empty index (write lock held).

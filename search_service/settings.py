@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from search_service.gpu import DEVICES, factory_problem
 from vpm_common.security import (
     ClientSecurity,
     check_tls_settings,
@@ -38,6 +39,13 @@ class SearchSettings(ServerGuards):
     )
     index_params: str = setting(
         "", "FAISS search parameters for approximate indexes, e.g. efSearch=256 or nprobe=64"
+    )
+    index_device: str = setting(
+        "cpu",
+        "where the vector index searches: cpu; cuda, a GPU (Flat, IVF<n>,Flat or "
+        "IVF<n>,PQ<m>; needs the GPU build of FAISS, the search-gpu extra); auto, cuda "
+        "when a GPU and that build are there, else cpu",
+        choices=DEVICES,
     )
     encoder: tuple[str, ...] = setting(
         (),
@@ -112,6 +120,8 @@ class SearchSettings(ServerGuards):
         )
         check(bool(self.catalog_url.strip()), "catalog_url", "must not be empty")
         check(bool(self.index_factory.strip()), "index_factory", "must not be empty")
+        problem = factory_problem(self.index_factory) if self.index_device == "cuda" else None
+        check(problem is None, "index_device", f"cuda: {problem}")
         for target in self.encoder:
             check(
                 bool(_TARGET.match(target)),
