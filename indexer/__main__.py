@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 
-from indexer.encoding import FleetError
+from indexer.encoding import EncodingError
 from indexer.run import SetupError, Summary, run
 from indexer.settings import ENV_PREFIX, IndexerSettings
 from indexer.upload import SearchUnavailable
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     except SetupError as error:
         logger.error("cannot start: %s", error)
         return 2
-    except (FleetError, SearchUnavailable) as error:
+    except (EncodingError, SearchUnavailable) as error:
         logger.error("run stopped: %s; what was acknowledged is kept, run again to finish", error)
         return 1
     except KeyboardInterrupt:

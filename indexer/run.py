@@ -8,13 +8,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from indexer.encoding import EncoderFleet, FleetError, Job, Outcome
+from indexer.encoding import EncodingError, FileEncoder, Job, Outcome
 from indexer.plan import Hashed, Plan, make_plan
 from indexer.progress import Progress
 from indexer.settings import IndexerSettings
 from indexer.sources import Discovery, SourceItem, fashion_catalog, folder_catalog
 from indexer.upload import SearchClient, Uploader
 from vpm.v1 import search_pb2
+from vpm_common.encoder_pool import EncoderPool
 
 logger = logging.getLogger(__name__)
 
@@ -86,22 +87,18 @@ async def run(settings: IndexerSettings) -> Summary:
 
     security = settings.security()
     try:
-        fleet = EncoderFleet(
-            list(settings.encoder),
-            window=settings.window,
-            stall_s=settings.stall_s,
-            security=security,
-        )
-    except FleetError as error:
+        pool = EncoderPool(list(settings.encoder), security=security, expand_dns=True)
+    except ValueError as error:
         raise SetupError(str(error)) from None
+    encoders = FileEncoder(pool, window=settings.window, stall_s=settings.stall_s)
     search = SearchClient(settings.search, timeout_s=settings.timeout_s, security=security)
     try:
-        plan = await _prepare(settings, discovery, fleet, search, summary)
+        plan = await _prepare(settings, discovery, encoders, search, summary)
         if not settings.dry_run:
-            await _apply(settings, plan, fleet, search, summary)
+            await _apply(settings, plan, encoders, search, summary)
     finally:
-        summary.encoder_spread = fleet.spread()
-        await fleet.close()
+        summary.encoder_spread = encoders.spread()
+        await pool.close()
         await search.close()
     summary.elapsed_s = time.monotonic() - started
     return summary
@@ -110,13 +107,13 @@ async def run(settings: IndexerSettings) -> Summary:
 async def _prepare(
     settings: IndexerSettings,
     discovery: Discovery,
-    fleet: EncoderFleet,
+    encoders: FileEncoder,
     search: SearchClient,
     summary: Summary,
 ) -> Plan:
     try:
-        info = await fleet.connect()
-    except RuntimeError as error:
+        info = await encoders.connect()
+    except EncodingError as error:
         raise SetupError(str(error)) from None
     summary.model_id = info.model_id
     if info.random_weights:
@@ -166,7 +163,7 @@ def _check_prune(plan: Plan, stored: int, limit: float) -> None:
 async def _apply(
     settings: IndexerSettings,
     plan: Plan,
-    fleet: EncoderFleet,
+    encoders: FileEncoder,
     search: SearchClient,
     summary: Summary,
 ) -> None:
@@ -176,16 +173,16 @@ async def _apply(
     total = len(plan.encode) + len(plan.metadata_only)
     progress = Progress(total, "indexing", mode=settings.progress)
     uploader = Uploader(search, settings.batch_size, on_acknowledged=progress.advance)
-    model_id = fleet.model_info.model_id
+    model_id = encoders.model_info.model_id
     try:
         if plan.metadata_only:
             vectors = await search.vectors([h.item.id for h in plan.metadata_only])
             for hashed in plan.metadata_only:
                 await uploader.add(
-                    _product(hashed.item, vectors[hashed.item.id], hashed.sha256, model_id)
+                    _product(hashed.item, hashed.sha256), vectors[hashed.item.id], model_id
                 )
             summary.metadata_updated = len(plan.metadata_only)
-        await _encode(plan, fleet, uploader, progress, summary, model_id)
+        await _encode(plan, encoders, uploader, progress, summary, model_id)
         totals = await uploader.close()
     finally:
         progress.close()
@@ -198,7 +195,7 @@ async def _apply(
 
 async def _encode(
     plan: Plan,
-    fleet: EncoderFleet,
+    encoders: FileEncoder,
     uploader: Uploader,
     progress: Progress,
     summary: Summary,
@@ -219,20 +216,14 @@ async def _encode(
         summary.encoded += 1
         summary.reused_duplicates += len(group) - 1
         for hashed in group:
-            await uploader.add(_product(hashed.item, outcome.vector, outcome.sha256, model_id))
+            await uploader.add(_product(hashed.item, outcome.sha256), outcome.vector, model_id)
 
-    await fleet.encode(jobs, done)
+    await encoders.encode(jobs, done)
 
 
-def _product(item: SourceItem, vector: Any, sha256: str, model_id: str) -> search_pb2.Product:
-    fields = item.fields()
-    return search_pb2.Product(
-        id=item.id,
-        vector=list(vector),
-        model_id=model_id,
-        image_sha256=sha256,
-        **{name: value for name, value in fields.items()},
-    )
+def _product(item: SourceItem, sha256: str) -> search_pb2.Product:
+    """The product's metadata; its vector and model travel in its batch (see Uploader)."""
+    return search_pb2.Product(id=item.id, image_sha256=sha256, **item.fields())
 
 
 def _reason(error: BaseException) -> str:

@@ -34,6 +34,9 @@ FIELD_OF_COLUMN = {
     "productDisplayName": "name",
 }
 MAX_ID_LENGTH = 256
+# The free attribute that records where a product's image lies, relative to the folder the
+# indexer read (--images or --dir): the search page finds thumbnails there.
+IMAGE_PATH_ATTRIBUTE = "image_path"
 
 
 @dataclass(frozen=True)
@@ -43,9 +46,14 @@ class SourceItem:
     id: str
     path: Path
     metadata: tuple[tuple[str, str | int], ...]  # sorted (field, value) pairs
+    image_path: str = ""  # `path` relative to the folder read, '/'-separated
 
-    def fields(self) -> dict[str, str | int]:
-        return dict(self.metadata)
+    def fields(self) -> dict[str, str | int | dict[str, str]]:
+        """Product fields: the metadata, and the image's relative path as an attribute."""
+        fields: dict[str, str | int | dict[str, str]] = dict(self.metadata)
+        if self.image_path:
+            fields["attributes"] = {IMAGE_PATH_ATTRIBUTE: self.image_path}
+        return fields
 
 
 @dataclass
@@ -92,7 +100,8 @@ def fashion_catalog(styles: Path, images: Path) -> Discovery:
             found.problem(
                 str(candidates[0]), f"several images for id {product_id} ({names}); using the first"
             )
-        found.items.append(SourceItem(product_id, candidates[0], _metadata_of_row(row)))
+        image_path = candidates[0].relative_to(images).as_posix()
+        found.items.append(SourceItem(product_id, candidates[0], _metadata_of_row(row), image_path))
     orphans = sorted(set(by_stem) - seen)
     if orphans:
         sample = ", ".join(orphans[:5]) + (" ..." if len(orphans) > 5 else "")
@@ -183,7 +192,11 @@ def folder_catalog(root: Path) -> Discovery:
             "name": product_id.replace("_", " "),
             "category": "" if category == "." else category,
         }
-        found.items.append(SourceItem(product_id, path, tuple(sorted(metadata.items()))))
+        found.items.append(
+            SourceItem(
+                product_id, path, tuple(sorted(metadata.items())), path.relative_to(root).as_posix()
+            )
+        )
     return found
 
 

@@ -31,18 +31,23 @@ def pack(matrix: np.ndarray, dtype: int = vectors_pb2.FLOAT32) -> vectors_pb2.Ve
 
 
 def unpack(message: vectors_pb2.VectorMatrix, field: str = "vectors") -> np.ndarray:
-    """The float32 (rows, dim) matrix a VectorMatrix carries; InvalidArgument naming `field`
-    when its sizes do not add up. Values are not checked here (see the callers' checks)."""
+    """The float32 (rows, dim) matrix a VectorMatrix carries (read-only: it may be a view of
+    the message's bytes); InvalidArgument naming `field` when its sizes do not add up.
+    Values are not checked here (see the callers' checks)."""
     wire = WIRE_DTYPES.get(message.dtype)
     if wire is None:
         raise InvalidArgument(f"{field}.dtype: unknown vector dtype {message.dtype}")
     rows, dim = message.rows, message.dim
     if rows < 0 or dim < 0 or (rows and not dim):
         raise InvalidArgument(f"{field}: rows and dim must be positive, got {rows} x {dim}")
+    data = message.data  # each read of a bytes field makes a new Python object: read it once
     expected = rows * dim * wire.itemsize
-    if len(message.data) != expected:
+    if len(data) != expected:
         raise InvalidArgument(
             f"{field}.data: {rows} x {dim} {wire.name} values take {expected} bytes, "
-            f"got {len(message.data)}"
+            f"got {len(data)}"
         )
-    return np.frombuffer(message.data, dtype=wire).reshape(rows, dim).astype(np.float32)
+    matrix = np.frombuffer(data, dtype=wire).reshape(rows, dim)
+    # float32 on a little-endian machine is a read-only view of the message's bytes:
+    # callers that normalize make their own copy; float16 becomes a float32 copy here.
+    return matrix.astype(np.float32, copy=False)

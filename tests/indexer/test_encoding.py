@@ -1,17 +1,19 @@
-"""In-process tier: the indexer's encoder fleet against real encoder servers (tiny model)."""
+"""In-process tier: the indexer's file encoder against real encoder servers (tiny model)."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from indexer.encoding import EncoderFleet, FleetError, Job, Outcome
+from indexer.encoding import EncodingError, FileEncoder, Job, Outcome
 from tests import images
 from tests.support import free_port
+from vpm_common.encoder_pool import EncoderPool
 from vpm_common.targets import expand, split_targets
 
 
@@ -31,19 +33,20 @@ def encode(
     outcomes: dict[str, Outcome] = {}
 
     async def main() -> dict:
-        fleet = EncoderFleet(targets, **options)
+        pool = EncoderPool(targets, expand_dns=True)
+        encoder = FileEncoder(pool, **options)
         try:
-            await fleet.connect(timeout_s=5)
+            await encoder.connect(timeout_s=5)
 
             async def done(outcome: Outcome) -> None:
                 outcomes[outcome.job.key] = outcome
                 if on_each:
                     await on_each(len(outcomes))
 
-            await fleet.encode(jobs, done)
-            return fleet.spread()
+            await encoder.encode(jobs, done)
+            return encoder.spread()
         finally:
-            await fleet.close()
+            await pool.close()
 
     return outcomes, asyncio.run(main())
 
@@ -102,12 +105,12 @@ def test_an_encoder_that_dies_mid_run_loses_nothing(make_encoder, tmp_path: Path
 def test_encoders_of_different_models_are_refused(make_encoder) -> None:
     one, _ = make_encoder(seed=0)
     other, _ = make_encoder(seed=1)
-    with pytest.raises(FleetError, match="encoders disagree on the model"):
+    with pytest.raises(EncodingError, match="encoders disagree on the model"):
         encode([one.target, other.target], [])
 
 
 def test_no_encoder_at_all_is_a_clear_error() -> None:
-    with pytest.raises(FleetError, match="no encoder answered within 5 s"):
+    with pytest.raises(EncodingError, match="no encoder answered within 5 s"):
         encode([f"127.0.0.1:{free_port()}"], [])
 
 
@@ -126,3 +129,22 @@ def test_target_lists_are_parsed_and_bad_names_are_clear() -> None:
         expand("dns:///no-port")
     with pytest.raises(ValueError, match="cannot resolve no-such-host.invalid"):
         expand("dns:///no-such-host.invalid:50051")
+
+
+def test_when_every_encoder_is_gone_for_stall_s_the_run_stops_with_the_reason(
+    make_encoder, tmp_path: Path
+) -> None:
+    doomed, _ = make_encoder()
+    jobs = write_jobs(tmp_path / "images", 40)
+    done: list[int] = []
+
+    async def kill_after_some(done_count: int) -> None:
+        done.append(done_count)
+        if done_count == 4:
+            await asyncio.to_thread(doomed.stop, 0)
+
+    started = time.monotonic()
+    with pytest.raises(EncodingError, match=r"no encoder answered for \d+ s"):
+        encode([doomed.target], jobs, on_each=kill_after_some, window=4, stall_s=1.5)
+    assert time.monotonic() - started < 20
+    assert 4 <= max(done) < 40  # what was answered was reported; the rest was not
