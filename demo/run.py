@@ -1,7 +1,8 @@
-"""`make run`: start the encoder and the search service, index the demo catalog, answer a query.
+"""`make run`: start the encoder, the search service and the search page, index the demo catalog,
+answer a query.
 
-Both services keep running in the background afterwards (logs and pids in
-./data); `make stop` (python -m demo.run --stop) stops them. Offline, the
+The services and the page keep running in the background afterwards (logs and
+pids in ./data); `make stop` (python -m demo.run --stop) stops them. Offline, the
 encoder runs ViT-B-32 with seeded random weights and this says so plainly;
 with network access it downloads and uses the real laion2b weights.
 """
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -26,7 +28,7 @@ from vpm.v1 import search_pb2
 
 DATA = Path("data")
 CATALOG = DATA / "demo-catalog"
-ENCODER_PORT, SEARCH_PORT = 50051, 50052
+ENCODER_PORT, SEARCH_PORT, WEB_PORT = 50051, 50052, 8080
 EXAMPLE_ID = "10001"
 
 
@@ -39,7 +41,7 @@ def pid_file(name: str) -> Path:
 
 
 def stop_services() -> None:
-    for name in ("search", "encoder"):
+    for name in ("web", "search", "encoder"):
         path = pid_file(name)
         if not path.exists():
             continue
@@ -92,6 +94,25 @@ def wait_serving(
     raise SystemExit(
         f"{name} did not become SERVING within {timeout_s:.0f} s; see data/logs/{name}.log"
     )
+
+
+def wait_answering(name: str, url: str, process: subprocess.Popen, timeout_s: float) -> None:
+    """Wait until `url` answers HTTP 200 (the search page's health address)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = (DATA / "logs" / f"{name}.log").read_text().splitlines()[-5:]
+            raise SystemExit(
+                f"{name} exited with status {process.returncode}:\n  " + "\n  ".join(tail)
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=1) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise SystemExit(f"{name} did not answer within {timeout_s:.0f} s; see data/logs/{name}.log")
 
 
 def choose_weights() -> str:
@@ -153,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(
             f"indexing failed (exit {indexing.returncode}); services still running: make stop"
         )
+    page = start(
+        "web",
+        ["web", "--port", str(WEB_PORT), "--search", f"127.0.0.1:{SEARCH_PORT}",
+         "--images", str(CATALOG / "images")],
+    )  # fmt: skip
+    wait_answering("web", f"http://127.0.0.1:{WEB_PORT}/healthz", page, 60)
     image = CATALOG / "images" / f"{EXAMPLE_ID}.jpg"
     log(f"example query: the image of product {EXAMPLE_ID} ({image})")
     response = search(
@@ -161,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(response))
     print(
         f"""
+Search page: http://127.0.0.1:{WEB_PORT}  (open it in a browser)
+
 Both services are running: encoder on 127.0.0.1:{ENCODER_PORT}, search on 127.0.0.1:{SEARCH_PORT}.
 Query them:
   .venv/bin/python -m demo.query --image {image}
@@ -168,6 +197,7 @@ Query them:
   .venv/bin/python -m demo.query --id {EXAMPLE_ID}
   grpcurl -plaintext -d '{{"product_id": "{EXAMPLE_ID}", "top_k": 5}}' \\
       127.0.0.1:{SEARCH_PORT} vpm.v1.Search/Search
+  curl 'http://127.0.0.1:{WEB_PORT}/api/search?id={EXAMPLE_ID}&top_k=5'
 Logs: data/logs/. Stop them: make stop"""
     )
     return 0

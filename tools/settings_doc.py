@@ -16,6 +16,8 @@ from indexer.settings import ENV_PREFIX as INDEXER_PREFIX
 from indexer.settings import IndexerSettings
 from search_service.settings import SearchSettings
 from vpm_common.settings import markdown_table
+from web.settings import ENV_PREFIX as WEB_PREFIX
+from web.settings import WebSettings
 
 SEARCH_PREFIX = "VPM_SEARCH_"  # the catalog URL's variable, VPM_CATALOG_URL, is set on its field
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -23,6 +25,7 @@ SECTIONS = (
     ("Encoder (`python -m encoder_service`)", EncoderSettings, ENCODER_PREFIX),
     ("Search (`python -m search_service`)", SearchSettings, SEARCH_PREFIX),
     ("Indexer (`python -m indexer`)", IndexerSettings, INDEXER_PREFIX),
+    ("Search page (`python -m web`)", WebSettings, WEB_PREFIX),
 )
 
 
