@@ -32,6 +32,7 @@ IMAGES = {
     "vpm/encoder": DOCKER / "encoder.Dockerfile",
     "vpm/encoder-cpu": DOCKER / "encoder-cpu.Dockerfile",
     "vpm/search": DOCKER / "search.Dockerfile",
+    "vpm/web": DOCKER / "web.Dockerfile",
 }
 
 

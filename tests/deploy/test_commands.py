@@ -48,12 +48,18 @@ from tests.support import free_port
 from vpm_common.health_probe import ENV_PREFIX as PROBE_PREFIX
 from vpm_common.health_probe import ProbeSettings
 from vpm_common.settings import SettingsError, env_name, load_settings
+from web.probe import ENV_PREFIX as WEB_PROBE_PREFIX
+from web.probe import WebProbeSettings
+from web.settings import ENV_PREFIX as WEB_PREFIX
+from web.settings import WebSettings
 
 SETTINGS = {
     "encoder_service": (EncoderSettings, ENCODER_PREFIX),
     "search_service": (SearchSettings, "VPM_SEARCH_"),
     "indexer": (IndexerSettings, INDEXER_PREFIX),
     "vpm_common.health_probe": (ProbeSettings, PROBE_PREFIX),
+    "web": (WebSettings, WEB_PREFIX),
+    "web.probe": (WebProbeSettings, WEB_PROBE_PREFIX),
 }
 KNOWN_VARIABLES = {
     env_name(field, prefix)
@@ -172,7 +178,7 @@ def help_texts() -> dict[str, str]:
 def catalog_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Stands in for the /catalog mount: the indexer checks its paths at start."""
     folder = tmp_path_factory.mktemp("catalog")
-    (folder / "images").mkdir()
+    (folder / "images").mkdir()  # the indexer's --images, and the page's
     (folder / "styles.csv").write_text("id,gender\n")
     return folder
 
@@ -182,7 +188,9 @@ def test_every_deployment_file_is_covered() -> None:
     assert {"encoder.Dockerfile", "encoder-cpu.Dockerfile", "search.Dockerfile",
             "compose encoder", "compose encoder-cpu", "compose search", "compose indexer",
             "k8s Deployment/vpm-encoder", "k8s StatefulSet/vpm-search", "k8s Job/vpm-indexer",
-            "search.Dockerfile HEALTHCHECK", "compose search healthcheck"} <= origins  # fmt: skip
+            "search.Dockerfile HEALTHCHECK", "compose search healthcheck",
+            "web.Dockerfile", "web.Dockerfile HEALTHCHECK", "compose web",
+            "compose web healthcheck", "k8s Deployment/vpm-web"} <= origins  # fmt: skip
 
 
 @pytest.mark.parametrize("launch", LAUNCHES, ids=lambda launch: launch.origin)
@@ -290,9 +298,8 @@ def start_image(tmp_path: Path) -> Iterator[Callable[..., ImageProcess]]:
     def start(dockerfile_path: Path, overrides: dict[str, str]) -> ImageProcess:
         dockerfile = parse_dockerfile(dockerfile_path)
         app = lay_out_image(dockerfile, tmp_path)
-        prefix = (
-            "VPM_SEARCH_" if "search" in dockerfile.exec_form("ENTRYPOINT")[2] else "VPM_ENCODER_"
-        )
+        prefix = {"search_service": "VPM_SEARCH_", "encoder_service": "VPM_ENCODER_",
+                  "web": "VPM_WEB_"}[dockerfile.exec_form("ENTRYPOINT")[2]]  # fmt: skip
         image_env = dockerfile.env()
         port = image_env[f"{prefix}PORT"]
         local_port = str(free_port())
@@ -340,6 +347,16 @@ def test_search_image_serves_passes_its_healthcheck_and_stops_on_sigterm(
     image = start_image(IMAGES["vpm/search"], {})
     image.wait_healthy(60)
     assert "catalog.db" in os.listdir(image.env["VPM_SEARCH_DATA_DIR"]), "state in the volume"
+    _stops_on_sigterm(image)
+
+
+@pytest.mark.slow
+def test_web_image_serves_passes_its_healthcheck_and_stops_on_sigterm(
+    start_image: Callable[..., ImageProcess],
+) -> None:
+    # No search service behind it: the page still serves, and says so on the page.
+    image = start_image(IMAGES["vpm/web"], {})
+    image.wait_healthy(60)
     _stops_on_sigterm(image)
 
 

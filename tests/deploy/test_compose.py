@@ -21,11 +21,11 @@ from tests.deploy.manifests import (
 )
 
 PROFILES = {
-    (): {"postgres", "search"},
-    ("gpu",): {"postgres", "search", "encoder"},
-    ("cpu",): {"postgres", "search", "encoder-cpu"},
-    ("gpu", "index"): {"postgres", "search", "encoder", "indexer"},
-    ("cpu", "index"): {"postgres", "search", "encoder-cpu", "indexer"},
+    (): {"postgres", "search", "web"},
+    ("gpu",): {"postgres", "search", "web", "encoder"},
+    ("cpu",): {"postgres", "search", "web", "encoder-cpu"},
+    ("gpu", "index"): {"postgres", "search", "web", "encoder", "indexer"},
+    ("cpu", "index"): {"postgres", "search", "web", "encoder-cpu", "indexer"},
 }
 
 
@@ -121,6 +121,19 @@ def test_indexer_is_a_one_shot_job_over_the_mounted_catalog(spec: dict) -> None:
     assert indexer["depends_on"] == {"search": {"condition": "service_healthy"}}
     default_catalog = re.search(r":-([^}]+)\}", mount).group(1)
     assert (DEPLOY / default_catalog).resolve() == ROOT / "data" / "demo-catalog"
+
+
+def test_the_page_reads_search_and_the_catalog_and_listens_on_loopback(spec: dict) -> None:
+    web, indexer = spec["services"]["web"], spec["services"]["indexer"]
+    command = web["command"]
+    assert command[command.index("--search") + 1] == "search:50052"
+    (mount,) = web["volumes"]
+    assert mount.endswith(":/catalog:ro") and mount == indexer["volumes"][0], "what was indexed"
+    assert command[command.index("--images") + 1] == "/catalog/images"
+    (published,) = web["ports"]
+    assert published.startswith("127.0.0.1:") and published.endswith(":8080")
+    assert web["depends_on"] == {"search": {"condition": "service_healthy"}}
+    assert web["healthcheck"]["test"][1:4] == ["python", "-m", "web.probe"]
 
 
 def test_images_are_built_from_the_dockerfiles_and_volumes_declared(spec: dict) -> None:

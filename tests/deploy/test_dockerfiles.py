@@ -27,6 +27,9 @@ SERVICES = {
     "encoder.Dockerfile": ("encoder_service", "VPM_ENCODER_", "vpm.v1.Encoder"),
     "encoder-cpu.Dockerfile": ("encoder_service", "VPM_ENCODER_", "vpm.v1.Encoder"),
     "search.Dockerfile": ("search_service", "VPM_SEARCH_", "vpm.v1.Search"),
+    "search-gpu.Dockerfile": ("search_service", "VPM_SEARCH_", "vpm.v1.Search"),
+    # The page speaks HTTP: no gRPC health service, its own probe, and no metrics port.
+    "web.Dockerfile": ("web", "VPM_WEB_", None),
 }
 
 
@@ -34,7 +37,7 @@ def ids(paths: list[Path]) -> list[str]:
     return [path.name for path in paths]
 
 
-def test_there_are_three_images() -> None:
+def test_there_is_one_image_per_service() -> None:
     assert sorted(ids(DOCKERFILES)) == sorted(SERVICES)
 
 
@@ -81,12 +84,18 @@ def test_image_is_pinned_non_root_and_healthchecked(dockerfile: Path) -> None:
     assert final.all("STOPSIGNAL")[-1].text == "SIGTERM"
     assert parsed.exec_form("ENTRYPOINT") == ["python", "-m", module]
     env = parsed.env()
+    options, probe = parsed.healthcheck()
+    assert {"interval", "timeout", "start-period", "retries"} <= set(options)
+    if service is None:
+        port = env[f"{prefix}PORT"]
+        assert final.all("EXPOSE")[-1].text.split() == [port]
+        assert probe == ["python", "-m", "web.probe", "--url", f"http://127.0.0.1:{port}/healthz"]
+        assert not final.all("VOLUME"), "the page keeps no state"
+        return
     port, metrics = env[f"{prefix}PORT"], env[f"{prefix}METRICS_PORT"]
     assert final.all("EXPOSE")[-1].text.split() == [port, metrics]
-    options, probe = parsed.healthcheck()
     assert probe == ["python", "-m", "vpm_common.health_probe",
                      "--target", f"127.0.0.1:{port}", "--service", service]  # fmt: skip
-    assert {"interval", "timeout", "start-period", "retries"} <= set(options)
     volumes = json.loads(final.all("VOLUME")[-1].text)
     assert all(
         any(value == v or value.startswith(v + "/") for v in volumes)
@@ -140,6 +149,9 @@ def _requirements(*args: str) -> list[str]:
 
 
 def test_requirements_come_from_pyproject_and_search_gets_no_torch() -> None:
+    web = _requirements("web")
+    assert "starlette==1.10.0" in web and "grpcio==1.85.3" in web
+    assert not any(re.match(r"(torch|faiss|sqlalchemy|open.clip|onnx)", line) for line in web)
     search = _requirements("search")
     assert "faiss-cpu==1.15.1" in search and "grpcio==1.85.3" in search
     assert not any(re.match(r"(torch|torchvision|open.clip|onnx)", line) for line in search)

@@ -102,7 +102,8 @@ def test_probes_ask_the_grpc_health_service_and_shutdown_outlasts_the_grace(
 
 
 @pytest.mark.parametrize("kind,name", [("Deployment", "vpm-encoder"), ("StatefulSet", "vpm-search"),
-                                       ("Job", "vpm-indexer")])  # fmt: skip
+                                       ("Job", "vpm-indexer"),
+                                       ("Deployment", "vpm-web")])  # fmt: skip
 def test_pods_run_as_the_images_user_on_a_read_only_root(kind: str, name: str) -> None:
     resource = everything()[(kind, name)]
     spec, container = pod_spec(resource), _container(resource)
@@ -116,7 +117,8 @@ def test_pods_run_as_the_images_user_on_a_read_only_root(kind: str, name: str) -
     assert own["readOnlyRootFilesystem"] is True and own["allowPrivilegeEscalation"] is False
     assert own["capabilities"] == {"drop": ["ALL"]}
     mounted = {m["mountPath"] for m in container.get("volumeMounts", [])}
-    writable = {"/tmp"} | set(yaml.safe_load(dockerfile.final.all("VOLUME")[-1].text))
+    volumes = dockerfile.final.all("VOLUME")
+    writable = {"/tmp"} | set(yaml.safe_load(volumes[-1].text) if volumes else [])
     if kind != "Job":
         assert writable <= mounted, f"{writable - mounted} would be read-only"
 
@@ -170,7 +172,7 @@ def test_settings_come_from_the_configmap_and_the_catalog_url_from_the_secret() 
     assert secret["stringData"]["url"].startswith("postgresql+psycopg://")
     assert "CHANGE-ME" in secret["stringData"]["url"], "the example holds a placeholder only"
     for kind, name in [("Deployment", "vpm-encoder"), ("StatefulSet", "vpm-search"),
-                       ("Job", "vpm-indexer")]:  # fmt: skip
+                       ("Job", "vpm-indexer"), ("Deployment", "vpm-web")]:  # fmt: skip
         container = _container(resources[(kind, name)])
         assert container["envFrom"] == [{"configMapRef": {"name": "vpm-settings"}}]
     search = _container(resources[("StatefulSet", "vpm-search")])
@@ -196,3 +198,24 @@ def test_search_keeps_its_snapshots_on_a_claim_and_the_job_reads_the_catalog_cla
     assert container["command"] == ["python", "-m", "indexer"]
     (mount,) = container["volumeMounts"]
     assert mount == {"name": volume["name"], "mountPath": "/catalog", "readOnly": True}
+
+
+def test_the_page_probes_its_own_health_and_reads_the_catalog_claim_read_only() -> None:
+    resources = everything()
+    web = resources[("Deployment", "vpm-web")]
+    container = _container(web)
+    port = next(p["containerPort"] for p in container["ports"] if p["name"] == "http")
+    dockerfile = parse_dockerfile(IMAGES["vpm/web"])
+    assert str(port) == dockerfile.env()["VPM_WEB_PORT"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "http"}, probe
+    assert pod_spec(web)["terminationGracePeriodSeconds"] > GRACE_S
+    assert resources[("ConfigMap", "vpm-settings")]["data"]["VPM_WEB_SEARCH"] == "search:50052"
+    claim = next(v for v in pod_spec(web)["volumes"] if "persistentVolumeClaim" in v)
+    assert claim["persistentVolumeClaim"]["readOnly"] is True
+    assert ("PersistentVolumeClaim", claim["persistentVolumeClaim"]["claimName"]) in resources
+    mount = next(m for m in container["volumeMounts"] if m["name"] == claim["name"])
+    assert mount["readOnly"] is True
+    assert container["args"][container["args"].index("--images") + 1].startswith(
+        mount["mountPath"] + "/"
+    )
