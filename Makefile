@@ -16,7 +16,7 @@ install: $(STAMP) $(PROTO_OUT)
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PYTHON) -m pip install -q --disable-pip-version-check -c constraints.txt \
-		-e '.[encoder,search,dev]' --config-settings editable_mode=compat
+		-e '.[encoder,search,web,dev]' --config-settings editable_mode=compat
 	@touch $@
 
 protos: $(STAMP)
