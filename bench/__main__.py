@@ -14,6 +14,7 @@ BENCHES = {
     "query-cache": "bench.query_cache_bench",
     "shared-catalog": "bench.shared_catalog_bench",
     "indexer": "bench.indexer_bench",
+    "web": "bench.web_bench",
 }
 
 

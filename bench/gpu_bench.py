@@ -1,48 +1,62 @@
-"""GPU benchmark (issue 7): the model, the device pipeline, the engine and the service, one run.
+"""GPU benchmark (issue 15): the encoder's batched RPC and the indexer end to end, one run.
 
-Meant for bench/gpu.sh on a machine with an NVIDIA GPU: ViT-B-32 (seeded random
-weights: the arithmetic of trained ones), 640x480 JPEGs. Sections:
+Meant for bench/gpu.sh on a machine with an NVIDIA GPU, in at most about 6 minutes:
+ViT-B-32 (seeded random weights: the arithmetic of trained ones), fp16, images
+decoded on the device (nvJPEG), 640x480 JPEGs of about 70 KB (the fashion set's size).
 
-  model only     images/s by batch size and precision (fp16/bf16 cast, fp16 autocast,
-                 fp32), CUDA graphs at small batches, torch.compile at one batch
-  device path    nvJPEG decode, resize/normalize and the model on one batch, apart;
-                 and Pillow decode + preprocess on every core, for comparison
-  engine         EncoderEngine without gRPC: --decode cpu vs gpu (1 or 2 batches in flight)
-  service        JPEG bytes over gRPC from several client processes: --decode cpu vs gpu
-                 (and gpu with CUDA graphs and a 1 ms delay, and 3 encoder processes
-                 on the one GPU); the 42,700-image catalog end to end; single-image
-                 latency p50/p99; GPU memory
+  one process      one `python -m encoder_service` through EncodeImageBatches (client
+                   processes, requests of max_batch images) vs the engine alone in this
+                   process with the same settings on the same files: interleaved rounds
+  processes        several encoder processes on the card together, the same clients
+  indexer          `python -m indexer` over a 42,700-image catalog on disk, through those
+                   encoders into a running `python -m search_service`: wall clock, then
+                   every product searchable (GetStats, searches by id and by image)
+  parity           the fp16 vectors the service returns for the parity corpus
+                   (tests/encoder/test_parity.py) vs the CPU fp32 reference
+  cuda tests       pytest on the test files that hold CUDA-only tests
 
 Without a GPU it says "no CUDA device" and runs a smoke version (tiny model, the
-CPU, small sizes) through the same code. Figures go to $OUT/gpu.json when OUT
-is set, and to data/bench/gpu.json.
+CPU, small sizes) through the same code; VPM_GPU_BENCH_SMOKE=1 does the same on a
+GPU. For a focused rerun: VPM_GPU_BENCH_SECTIONS (e.g. "indexer,parity"),
+VPM_GPU_BENCH_CATALOG (images), VPM_GPU_BENCH_PROCESSES, VPM_GPU_BENCH_BUDGET_S.
+Every table is printed as it is made; the figures go to $OUT/gpu-encoder.json when
+OUT is set, and to data/bench/gpu-encoder.json; the services' logs to
+$OUT/gpu-encoder-logs/.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
 import logging
-import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bench.common import median, record, table
-from bench.gpu_service import engine_rates, peak_memory_mb, release, service_runs
+from bench.common import median, record, table, verdict, write_catalog
+from bench.gpu_service import (
+    Processes,
+    build_engine_here,
+    device_memory_used_mb,
+    engine_alone,
+    release,
+    run_indexer,
+    searchable,
+    stream,
+)
 
 logger = logging.getLogger(__name__)
 
-# No section starts after this many seconds, so the run stays within about 6 minutes.
-BUDGET_S = float(os.environ.get("VPM_GPU_BENCH_BUDGET_S", "300"))
-COMPILE_MAX_S = 150.0  # torch.compile gets what is left of the budget, at most this
-COMPILE_MIN_S = 60.0  # and is skipped with less
+# No section starts after BUDGET_S seconds, and the last (the CUDA tests, which always run)
+# is cut at END_S, so that the run ends within bench/gpu.sh's 6 minutes.
+BUDGET_S = float(os.environ.get("VPM_GPU_BENCH_BUDGET_S", "270"))
+END_S = BUDGET_S + 60
 
 
 @dataclass(frozen=True)
@@ -51,359 +65,454 @@ class Plan:
 
     model: str
     device: str
+    max_batch: int  # also the images per request, client and engine alike
+    size: tuple[int, int]  # of the JPEGs
     distinct_jpegs: int
-    precisions: dict[str, tuple[int, ...]]
-    graph_batches: tuple[int, ...]
-    pipeline_batch: int
-    pillow_images: int
-    engine_images: dict[str, int]
-    streams: int
-    service_images: dict[str, int]  # per decode path, for images/s
-    catalog: int  # encoded end to end once, with --decode gpu
-    latency_requests: int
-    service_timeout_s: float
-    # encoder process counts sharing the device, one service configuration each
-    processes: tuple[int, ...]
-    compile_batch: int
+    images: int  # per measured run
+    rounds: int
+    streams_one: int  # client streams on the one process
+    processes: int
+    streams_many: int  # client streams spread over the processes
+    catalog: int
+    catalog_writers: int
+    indexer_workers: int
+    timeout_s: float
+    test_selection: tuple[str, ...]  # extra pytest arguments
     settings: dict[str, Any] = field(default_factory=dict)
+    targets: dict[str, float] = field(default_factory=dict)
 
 
+CORES = os.cpu_count() or 1
 FULL = Plan(
     model="ViT-B-32",
     device="cuda",
+    max_batch=256,  # 256 x 70 KB stays under the encoder's 20 MB message limit
+    size=(640, 480),
     distinct_jpegs=256,
-    precisions={
-        "fp16": (64, 128, 256, 512, 1024),
-        "bf16": (64, 128, 256, 512, 1024),
-        "fp16 autocast": (256, 1024),
-        "fp32": (64, 256),
-    },
-    graph_batches=(1, 8, 64, 256),
-    pipeline_batch=256,
-    pillow_images=1024,
-    engine_images={"cpu": 4000, "gpu": 20_000},
-    streams=8,
-    service_images={"cpu": 8000, "gpu": 16_000},
+    images=24_000,
+    rounds=2,
+    streams_one=4,
+    processes=4,
+    streams_many=8,
     catalog=42_700,
-    latency_requests=200,
-    service_timeout_s=45.0,
-    processes=(3,),
-    compile_batch=512,
+    catalog_writers=CORES,
+    indexer_workers=min(16, CORES),
+    timeout_s=90.0,
+    test_selection=(),
+    targets={"one": 8000, "one_vs_engine": 0.9, "many": 15_000, "indexer_s": 15, "cos": 0.995},
 )
 SMOKE = Plan(
     model="VPM-Tiny",
     device="cpu",
-    distinct_jpegs=12,
-    precisions={"fp32": (8, 32)},
-    graph_batches=(),
-    pipeline_batch=16,
-    pillow_images=32,
-    engine_images={"cpu": 48, "gpu": 48},
-    streams=2,
-    service_images={"cpu": 64, "gpu": 64},
-    catalog=96,
-    latency_requests=10,
-    service_timeout_s=60.0,
-    processes=(2,),
-    compile_batch=8,
-    settings={"runtime": "torch", "device": "cpu"},
+    max_batch=16,
+    size=(160, 120),
+    distinct_jpegs=16,
+    images=256,
+    rounds=1,
+    streams_one=2,
+    processes=2,
+    streams_many=2,
+    catalog=200,
+    catalog_writers=1,
+    indexer_workers=2,
+    timeout_s=120.0,
+    # The CUDA tests skip here: the run shows they are found and the step works.
+    test_selection=("-m", "not slow", "-k", "cuda or nvjpeg"),
+    settings={"runtime": "torch", "device": "cpu", "workers": 2, "threads": 1},
+    targets=FULL.targets,
 )
 
 
-def _torch():  # noqa: ANN202 - the torch module
+def plan_for_here() -> Plan:
     import torch
 
-    return torch
+    if torch.cuda.is_available() and os.environ.get("VPM_GPU_BENCH_SMOKE") != "1":
+        plan = FULL
+    else:
+        if not torch.cuda.is_available():
+            print("no CUDA device: running the smoke version (tiny model on the CPU, small sizes)")
+        plan = SMOKE
+        if torch.cuda.is_available():
+            plan = replace(SMOKE, device="cuda", settings={"runtime": "torch"})
+    catalog = os.environ.get("VPM_GPU_BENCH_CATALOG")  # a smaller catalog for a focused rerun
+    processes = os.environ.get("VPM_GPU_BENCH_PROCESSES")
+    if catalog:
+        plan = replace(plan, catalog=int(catalog))
+    if processes:
+        plan = replace(plan, processes=int(processes))
+    return plan
 
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        _torch().cuda.synchronize()
-
-
-def images_per_second(run: Any, batch: int, device: str, min_s: float = 0.5) -> float:
-    """Rate of `run()` (one batch) after two warm-up calls, over at least `min_s` seconds."""
-    run()
-    run()
-    _sync(device)
-    started = time.perf_counter()
-    run()
-    _sync(device)
-    once = max(time.perf_counter() - started, 1e-6)
-    rounds = max(3, math.ceil(min_s / once))
-    started = time.perf_counter()
-    for _ in range(rounds):
-        run()
-    _sync(device)
-    return rounds * batch / (time.perf_counter() - started)
-
-
-# -- model only --------------------------------------------------------------------------
-
-
-def model_only(plan: Plan) -> dict[str, Any]:
-    from encoder_service.model import ModelConfig, load_model
-
-    torch = _torch()
-    loaded = load_model(ModelConfig(plan.model, "none"))
-    size = loaded.image_size
-    base = loaded.model.to(plan.device).eval()
-    rates: dict[str, dict[int, float]] = {}
-    for name, batches in plan.precisions.items():
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(name, torch.float32)
-        model = copy.deepcopy(base).to(dtype) if dtype != torch.float32 else base
-        autocast = name.endswith("autocast")
-        rates[name] = {}
-        for batch in batches:
-            pixels = torch.randn(batch, 3, size, size, device=plan.device, dtype=dtype)
-
-            def run(model=model, pixels=pixels, autocast=autocast) -> None:
-                with torch.inference_mode(), _autocast(autocast):
-                    model.encode_image(pixels)
-
-            rates[name][batch] = images_per_second(run, batch, plan.device)
-        del model
-    graphs = cuda_graph_rates(plan, base, size) if plan.graph_batches else {}
-    peak = peak_memory_mb(plan.device)
-    rows = [[name, b, rate] for name, by in rates.items() for b, rate in by.items()]
-    rows += [[f"fp16 {kind}", b, rate] for kind, by in graphs.items() for b, rate in by.items()]
-    print(
-        table(f"Model only: {plan.model} on {plan.device}", ["precision", "batch", "img/s"], rows)
-    )
-    best = max(rates.get("fp16", next(iter(rates.values()))).items(), key=lambda kv: kv[1])
-    return {
-        "images_per_s": rates,
-        "cuda_graphs_images_per_s": graphs,
-        "best_fp16": {"batch": best[0], "images_per_s": best[1]},
-        "peak_allocated_mb": peak,
-    }
-
-
-def _autocast(enabled: bool) -> Any:
-    torch = _torch()
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda", dtype=torch.float16)
-
-
-def cuda_graph_rates(plan: Plan, base: Any, size: int) -> dict[str, dict[int, float]]:
-    """fp16 eager vs the same batches replayed as CUDA graphs (what --cuda-graphs does)."""
-    from encoder_service.cuda_graphs import GraphedTower
-
-    torch = _torch()
-    model = copy.deepcopy(base).half()
-    tower = GraphedTower.capture(
-        model.encode_image, list(plan.graph_batches), size, torch.float16, plan.device
-    )
-    rates: dict[str, dict[int, float]] = {"eager": {}, "graphs": {}}
-    for batch in plan.graph_batches:
-        pixels = torch.randn(batch, 3, size, size, device=plan.device, dtype=torch.float16)
-        with torch.inference_mode():
-            rates["eager"][batch] = images_per_second(
-                lambda p=pixels: model.encode_image(p), batch, plan.device, 0.3
-            )
-            if tower is not None:
-                rates["graphs"][batch] = images_per_second(
-                    lambda p=pixels: tower(p), batch, plan.device, 0.3
-                )
-    return rates
-
-
-def compiled_rate(plan: Plan) -> dict[str, Any]:
-    """torch.compile at one batch size, in a child process that may be cut off at a timeout."""
-    command = [sys.executable, "-m", "bench.gpu_bench", "--compile-probe", plan.model]
-    command += [plan.device, str(plan.compile_batch)]
-    started = time.perf_counter()
-    timeout = min(COMPILE_MAX_S, BUDGET_S + 30 - (started - STARTED))
-    if timeout < COMPILE_MIN_S:
-        return {"skipped": f"only {timeout:.0f} s of the budget left"}
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        return {"error": f"no result within {timeout:.0f} s"}
-    lines = done.stdout.strip().splitlines()
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"exit {done.returncode}: {tail[:300]}"}
-    result = json.loads(lines[-1])
-    result["wall_s"] = time.perf_counter() - started
-    return result
-
-
-def compile_probe(model_name: str, device: str, batch: int) -> None:
-    """Child process: compile the fp16 image tower, print its compile time and rate as JSON."""
-    from encoder_service.model import ModelConfig, load_model
-
-    torch = _torch()
-    loaded = load_model(ModelConfig(model_name, "none"))
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    model = loaded.model.to(device=device, dtype=dtype).eval()
-    size = loaded.image_size
-    pixels = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
-    compiled = torch.compile(model.encode_image, dynamic=False)
-    with torch.inference_mode():
-        started = time.perf_counter()
-        compiled(pixels)
-        _sync(device)
-        compile_s = time.perf_counter() - started
-        compiled_rate = images_per_second(lambda: compiled(pixels), batch, device)
-        eager_rate = images_per_second(lambda: model.encode_image(pixels), batch, device)
-    result = {"batch": batch, "compile_s": compile_s, "images_per_s": compiled_rate}
-    print(json.dumps({**result, "eager_images_per_s": eager_rate}))
-
-
-# -- the device pipeline, stage by stage ----------------------------------------------------
-
-
-def device_pipeline(plan: Plan, files: list[bytes]) -> dict[str, Any]:
-    from concurrent.futures import ThreadPoolExecutor
-
-    from encoder_service.gpu_pipeline import TensorImagePipeline, TensorTransform
-    from encoder_service.images import ImageLimits, ImagePreprocessor
-    from encoder_service.model import ModelConfig, load_model
-    from encoder_service.runtimes import TorchRuntime
-
-    loaded = load_model(ModelConfig(plan.model, "none"))
-    runtime = TorchRuntime(loaded, plan.device, "float16" if plan.device == "cuda" else "float32")
-    transform = TensorTransform.from_preprocess(loaded.preprocess)
-    pipeline = TensorImagePipeline(transform, ImageLimits(), plan.device, runtime.input_dtype)
-    decoder_works = pipeline.check_device_decoder(files[0])
-    batch = [files[i % len(files)] for i in range(plan.pipeline_batch)]
-    started = time.perf_counter()
-    payloads = [pipeline.admit(data)[0] for data in batch]
-    admit_us = (time.perf_counter() - started) / len(batch) * 1e6
-
-    def stages() -> tuple[float, float, float]:
-        """(device decode, resize + normalize, model) seconds for the batch, each waited for."""
-        started = time.perf_counter()
-        prepared = pipeline.prepare(payloads)
-        assert not prepared.errors, prepared.errors
-        _sync(plan.device)
-        prepared_s = time.perf_counter() - started
-        started = time.perf_counter()
-        runtime.encode_images_on_device(prepared.pixels)
-        _sync(plan.device)
-        return prepared.decode_s, prepared_s - prepared.decode_s, time.perf_counter() - started
-
-    stages()  # warm-up: decoder handles, kernels
-    runs = [stages() for _ in range(5)]
-    decode_s, preprocess_s, model_s = (median([run[i] for run in runs]) for i in range(3))
-    n = len(payloads)
-    preprocessor = ImagePreprocessor(loaded.preprocess, ImageLimits())
-    pillow_files = [files[i % len(files)] for i in range(plan.pillow_images)]
-    threads = os.cpu_count() or 1
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(preprocessor, pillow_files[:threads]))
-        started = time.perf_counter()
-        list(pool.map(preprocessor, pillow_files))
-        pillow_rate = len(pillow_files) / (time.perf_counter() - started)
-    runtime.close()
-    figures = {
-        "batch": n,
-        "device_jpeg_decoder_works": decoder_works,
-        "header_read_us_per_image": admit_us,
-        "decode_images_per_s": n / decode_s,
-        "preprocess_images_per_s": n / preprocess_s,
-        "model_images_per_s": n / model_s,
-        "serial_images_per_s": n / (decode_s + preprocess_s + model_s),
-        "pillow_decode_preprocess_images_per_s": pillow_rate,
-        "pillow_threads": threads,
-    }
-    rows = [
-        ["header read (worker thread, per image)", f"{admit_us:.0f} us", ""],
-        [f"device decode ({plan.device})", f"{decode_s * 1000:.1f} ms", n / decode_s],
-        ["resize + crop + normalize", f"{preprocess_s * 1000:.1f} ms", n / preprocess_s],
-        ["model", f"{model_s * 1000:.1f} ms", n / model_s],
-        ["all three in turn", "", figures["serial_images_per_s"]],
-        [f"Pillow decode + preprocess, {threads} threads", "", pillow_rate],
-    ]
-    title = f"Device path, one batch of {n} JPEGs 640x480"
-    if not decoder_works:
-        title += " (NO DEVICE JPEG DECODER: JPEGs went through Pillow)"
-    print(table(title, ["stage", "time", "img/s"], rows))
-    return figures
-
-
-# -- the run ---------------------------------------------------------------------------------
 
 STARTED = time.perf_counter()
 
 
-def plan_for_here() -> Plan:
-    torch = _torch()
-    if torch.cuda.is_available() and os.environ.get("VPM_GPU_BENCH_SMOKE") != "1":
-        return _with_overrides(FULL)
-    if not torch.cuda.is_available():
-        print("no CUDA device: running the smoke version (tiny model on the CPU, small sizes)")
-    smoke = SMOKE
-    if torch.cuda.is_available():
-        smoke = Plan(**{**SMOKE.__dict__, "device": "cuda", "settings": {"runtime": "torch"}})
-    return smoke
-
-
-def _with_overrides(plan: Plan) -> Plan:
-    """VPM_GPU_BENCH_STREAMS and VPM_GPU_BENCH_PROCESSES (a comma list) resize a focused rerun."""
-    streams = int(os.environ.get("VPM_GPU_BENCH_STREAMS", plan.streams))
-    processes = os.environ.get("VPM_GPU_BENCH_PROCESSES")
-    counts = tuple(int(n) for n in processes.split(",")) if processes else (plan.processes,)
-    return Plan(**{**plan.__dict__, "streams": streams, "processes": counts})
-
-
-def make_jpegs(count: int) -> list[bytes]:
-    from tests import images
-
-    return [images.jpeg(640, 480, seed=seed, quality=90) for seed in range(count)]
+def elapsed() -> float:
+    return time.perf_counter() - STARTED
 
 
 def run() -> dict[str, Any]:
     global STARTED
     STARTED = time.perf_counter()
-    torch = _torch()
     plan = plan_for_here()
-    figures: dict[str, Any] = {"plan": plan.model + " on " + plan.device}
-    figures["versions"] = _versions()
+    figures: dict[str, Any] = {"plan": f"{plan.model} on {plan.device}", "versions": _versions()}
     if plan.device == "cuda":
+        import torch
+
         figures["gpu"] = torch.cuda.get_device_name()
     print(f"GPU benchmark: {figures.get('gpu', 'no GPU')}; {figures['versions']}", flush=True)
-    files = make_jpegs(plan.distinct_jpegs)
-    figures["jpeg_kb_mean"] = sum(map(len, files)) / len(files) / 1024
     with tempfile.TemporaryDirectory(prefix="vpm-gpu-bench-") as scratch:
-        from bench import gpu_load
-
-        files_path = gpu_load.save_files(files, Path(scratch) / "jpegs.pickle")
-        cache = Path(scratch) / "cache"
-        sections = [
-            ("model_only", lambda: model_only(plan)),
-            ("device_pipeline", lambda: device_pipeline(plan, files)),
-            ("engine", lambda: engine_rates(plan, files, cache)),
-            ("service", lambda: service_runs(plan, files_path, cache, STARTED + BUDGET_S)),
-        ]
-        if plan.device == "cuda" and os.environ.get("VPM_GPU_BENCH_COMPILE", "1") == "1":
-            sections.append(("torch_compile", lambda: compiled_rate(plan)))
-        wanted = os.environ.get("VPM_GPU_BENCH_SECTIONS")  # e.g. "service" for a focused rerun
-        if wanted:
-            sections = [(name, work) for name, work in sections if name in wanted.split(",")]
-        for name, section in sections:
-            figures[name] = _section(name, section)
-            release(plan.device)
-    figures["seconds"] = time.perf_counter() - STARTED
+        work = Path(scratch)
+        logs = Path(os.environ.get("OUT") or work) / "gpu-encoder-logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        processes = Processes(logs)
+        stopped: SystemExit | None = None
+        try:
+            _measure(plan, work, processes, figures)
+        except SystemExit as signalled:  # SIGTERM: report what was measured, then exit
+            stopped = signalled
+            figures["error"] = f"stopped (exit {signalled.code}) at {elapsed():.0f} s"
+        except Exception as error:  # noqa: BLE001 - what was measured is still reported
+            logger.exception("the run stopped")
+            figures["error"] = f"{type(error).__name__}: {error}"
+        finally:
+            processes.stop()
+    figures["seconds"] = elapsed()
     _summary(figures, plan)
     _write(figures)
+    if stopped is not None:
+        raise stopped
     return figures
 
 
-def _section(name: str, work: Any) -> dict[str, Any]:
+SECTIONS = ("one", "processes", "indexer", "parity", "tests")
+
+
+def wanted_sections() -> set[str]:
+    """VPM_GPU_BENCH_SECTIONS (a comma list of SECTIONS) picks sections for a focused rerun."""
+    chosen = os.environ.get("VPM_GPU_BENCH_SECTIONS")
+    picked = set(chosen.split(",")) if chosen else set(SECTIONS)
+    unknown = picked - set(SECTIONS)
+    if unknown:
+        raise SystemExit(f"VPM_GPU_BENCH_SECTIONS: unknown {sorted(unknown)}; known {SECTIONS}")
+    return picked
+
+
+def _measure(plan: Plan, work: Path, processes: Processes, figures: dict[str, Any]) -> None:
+    import multiprocessing
+
+    from bench import gpu_load
+    from tests import images
+
+    wanted = wanted_sections()
+    cache = work / "cache"
+    # The catalog is written while the encoders start: both take seconds, neither is measured.
+    catalog = work / "catalog"
+    writing = (
+        _in_thread(lambda: write_catalog(catalog, plan.catalog, [plan.size], plan.catalog_writers))
+        if "indexer" in wanted
+        else lambda: 0.0
+    )
+    targets = processes.encoders(plan, cache, plan.processes)
+    files = [images.jpeg(*plan.size, seed=i, quality=90) for i in range(plan.distinct_jpegs)]
+    figures["jpeg_kb_mean"] = sum(map(len, files)) / len(files) / 1024
+    files_path = gpu_load.save_files(files, work / "jpegs.pickle")
+    engine = build_engine_here(plan, cache) if "one" in wanted else None
+    for target in targets:
+        processes.wait_serving(target, "vpm.v1.Encoder")
+    figures["catalog_written_s"] = writing()
+    print(
+        f"{plan.processes} encoder processes serving, catalog of {plan.catalog:,} JPEGs written, "
+        f"at {elapsed():.0f} s",
+        flush=True,
+    )
+    clients = multiprocessing.get_context("spawn").Pool(max(plan.streams_one, plan.streams_many))
+    try:
+        if engine is not None:
+            figures["one_process"] = _section(
+                "one process",
+                lambda: one_process(plan, engine, files, clients, targets[0], files_path),
+            )
+            engine.close(drain=False)
+            release(plan.device)
+        if "processes" in wanted:
+            figures["processes"] = _section(
+                "processes", lambda: many_processes(plan, clients, targets, files_path)
+            )
+    finally:
+        clients.terminate()
+    if "indexer" in wanted:
+        figures["indexer"] = _section(
+            "indexer", lambda: indexer(plan, work, processes, targets, catalog)
+        )
+    if "parity" in wanted:
+        figures["parity"] = _section("parity", lambda: parity(plan, targets[0]))
+    if "tests" in wanted:
+        figures["cuda_tests"] = _section("cuda tests", lambda: cuda_tests(plan), always=True)
+
+
+def _in_thread(work: Any) -> Any:
+    """Start work() on a thread; the returned function waits for it and gives its seconds."""
+    started = time.perf_counter()
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            work()
+        except BaseException as error:  # noqa: BLE001 - re-raised by the waiter
+            outcome["error"] = error
+        outcome["seconds"] = time.perf_counter() - started
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+
+    def wait() -> float:
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["seconds"]
+
+    return wait
+
+
+def _section(name: str, work: Any, always: bool = False) -> dict[str, Any]:
     """Run one section; a failure is reported and recorded, and the next section still runs."""
-    elapsed = time.perf_counter() - STARTED
-    if elapsed > BUDGET_S:
-        print(f"\n[{name}] skipped: {elapsed:.0f} s spent of a {BUDGET_S:.0f} s budget")
+    if elapsed() > BUDGET_S and not always:
+        print(f"\n[{name}] skipped: {elapsed():.0f} s spent of a {BUDGET_S:.0f} s budget")
         return {"skipped": "over the time budget"}
-    print(f"\n[{name}] at {elapsed:.0f} s", flush=True)
+    print(f"\n[{name}] at {elapsed():.0f} s", flush=True)
     try:
         return work()
     except Exception as error:  # noqa: BLE001 - one broken section must not lose the others
         logger.exception("section %s failed", name)
         return {"error": f"{type(error).__name__}: {error}"}
+
+
+# -- the sections --------------------------------------------------------------------------
+
+
+def one_process(
+    plan: Plan, engine: Any, files: list[bytes], clients: Any, target: str, files_path: Path
+) -> dict[str, Any]:
+    """One encoder process over the batched RPC vs the engine alone, interleaved rounds."""
+    request = plan.max_batch
+    rpc = lambda n: stream(  # noqa: E731
+        clients, [target], files_path, n, plan.streams_one, request, plan.timeout_s
+    )
+    alone = lambda n: engine_alone(engine, files, n, request)  # noqa: E731
+    warm = min(plan.images, 8 * request)
+    alone(warm)  # first batches, channels, client processes
+    rpc(warm)
+    samples: dict[str, list[dict[str, Any]]] = {"engine alone": [], "batched RPC": []}
+    for _ in range(plan.rounds):
+        samples["engine alone"].append(alone(plan.images))
+        samples["batched RPC"].append(rpc(plan.images))
+    ratios = [
+        r["images_per_s"] / a["images_per_s"]
+        for a, r in zip(samples["engine alone"], samples["batched RPC"], strict=True)
+    ]
+    rates = {name: median([s["images_per_s"] for s in runs]) for name, runs in samples.items()}
+    errors = sum(s["errors"] for runs in samples.values() for s in runs)
+    rows = [[name, plan.images, rates[name], errors if "RPC" in name else ""] for name in rates]
+    print(
+        table(
+            f"One encoder process, {plan.model} {_dtype(plan)}, max batch {plan.max_batch}, "
+            f"device decode; requests of {request} images, {plan.streams_one} client streams; "
+            f"median of {plan.rounds} interleaved rounds",
+            ["path", "images", "img/s", "errors"],
+            rows,
+        )
+    )
+    print(f"batched RPC / engine alone, round by round: {', '.join(f'{r:.2f}' for r in ratios)}")
+    return {
+        "samples": samples,
+        "images_per_s": rates["batched RPC"],
+        "engine_alone_images_per_s": rates["engine alone"],
+        "vs_engine_alone": median(ratios),
+        "vs_engine_alone_by_round": ratios,
+        "errors": errors,
+        "first_error": next(
+            (s["first_error"] for rs in samples.values() for s in rs if s["first_error"]), ""
+        ),
+    }
+
+
+def many_processes(
+    plan: Plan, clients: Any, targets: list[str], files_path: Path
+) -> dict[str, Any]:
+    count = plan.images * 2
+    stream(clients, targets, files_path, 4 * plan.max_batch * len(targets), plan.streams_many,
+           plan.max_batch, plan.timeout_s)  # fmt: skip
+    runs = [
+        stream(clients, targets, files_path, count, plan.streams_many, plan.max_batch,
+               plan.timeout_s)
+        for _ in range(plan.rounds)
+    ]  # fmt: skip
+    rate = median([r["images_per_s"] for r in runs])
+    errors = sum(r["errors"] for r in runs)
+    print(
+        table(
+            f"{len(targets)} encoder processes on the one device, {plan.streams_many} client "
+            f"streams spread over them; median of {plan.rounds} runs",
+            ["processes", "images", "img/s", "errors"],
+            [[len(targets), count, rate, errors]],
+        )
+    )
+    return {
+        "processes": len(targets),
+        "runs": runs,
+        "images_per_s": rate,
+        "errors": errors,
+        "device_memory_used_mb": device_memory_used_mb(plan.device),
+    }
+
+
+def indexer(
+    plan: Plan, work: Path, processes: Processes, targets: list[str], catalog: Path
+) -> dict[str, Any]:
+    search = processes.search(work / "search", targets)
+    processes.wait_serving(search, "vpm.v1.Search", timeout_s=120)
+    left = max(60.0, END_S - 30 - elapsed())
+    figures = run_indexer(
+        catalog, targets, search, work / "summary.json", plan.indexer_workers, left
+    )
+    figures.update(searchable(search, catalog, plan.catalog))
+    print(
+        table(
+            f"Indexer: {plan.catalog:,} JPEGs {plan.size[0]}x{plan.size[1]} on disk, "
+            f"{len(targets)} encoder processes, into a running search service",
+            [
+                "wall clock s",
+                "indexer's own s",
+                "img/s",
+                "encoded",
+                "failed",
+                "in the catalog",
+                "image finds itself",
+            ],
+            [
+                [
+                    figures["wall_s"],
+                    figures["elapsed_s"],
+                    figures["images_per_s"],
+                    figures["encoded"],
+                    figures["failed"],
+                    figures["products"],
+                    figures["image_finds_itself"],
+                ]
+            ],
+        )  # fmt: skip
+    )
+    return figures
+
+
+def parity(plan: Plan, target: str) -> dict[str, Any]:
+    """The service's fp16 vectors (FLOAT16 on the wire) vs the CPU fp32 reference."""
+    import io
+
+    import grpc
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from encoder_service.model import ModelConfig, load_model
+    from tests.encoder.test_parity import corpus
+    from vpm.v1 import encoder_pb2, encoder_pb2_grpc, vectors_pb2
+    from vpm_common.matrix import unpack
+
+    files = corpus()
+    loaded = load_model(ModelConfig(plan.model, "none"))  # the processes' seed: same weights
+    with torch.inference_mode():
+        pixels = torch.stack(
+            [
+                loaded.preprocess(upright if upright is not None else Image.open(io.BytesIO(data)))
+                for data, upright in files.values()
+            ]
+        )
+        reference = torch.nn.functional.normalize(loaded.model.eval().encode_image(pixels), dim=1)
+    stub = encoder_pb2_grpc.EncoderStub(
+        grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
+    )
+    request = encoder_pb2.ImageBatch(
+        id="parity", images=[data for data, _ in files.values()], dtype=vectors_pb2.FLOAT16
+    )
+    (reply,) = stub.EncodeImageBatches(iter([request]), timeout=120)
+    if reply.errors:
+        raise RuntimeError(f"parity corpus: {[e.error.message for e in reply.errors]}")
+    cosines = (unpack(reply.vectors) * reference.numpy()).sum(axis=1)
+    by_file = dict(zip(files, cosines.tolist(), strict=True))
+    worst = min(by_file, key=by_file.get)
+    print(
+        f"parity, {len(by_file)} files of the corpus, service ({_dtype(plan)}, device decode, "
+        f"FLOAT16 on the wire) vs {plan.model} fp32 on the CPU: lowest cosine "
+        f"{by_file[worst]:.5f} ({worst}), median {float(np.median(cosines)):.5f}"
+    )
+    return {"min_cosine": by_file[worst], "worst": worst, "cosines": by_file}
+
+
+def cuda_tests(plan: Plan) -> dict[str, Any]:
+    """pytest on every test file that holds CUDA-only tests (they skip without a device)."""
+    root = Path(__file__).resolve().parents[1]
+    files = sorted(
+        str(path.relative_to(root))
+        for path in (root / "tests").rglob("test_*.py")
+        if "cuda.is_available" in path.read_text()
+    )
+    left = max(30.0, END_S - elapsed())
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files]
+    command += ["-rs", *plan.test_selection]
+    try:
+        done = subprocess.run(
+            command, cwd=root, capture_output=True, text=True, timeout=left, check=False
+        )
+    except subprocess.TimeoutExpired:
+        print(f"cuda tests: no result within {left:.0f} s")
+        return {"files": files, "error": f"timed out after {left:.0f} s"}
+    lines = done.stdout.strip().splitlines()
+    print("\n".join(lines[-15:]))
+    return {"files": files, "exit": done.returncode, "passed": done.returncode == 0,
+            "last_line": lines[-1] if lines else ""}  # fmt: skip
+
+
+# -- the report ------------------------------------------------------------------------------
+
+
+def _dtype(plan: Plan) -> str:
+    return "fp16" if plan.device == "cuda" else "fp32"
+
+
+def _summary(figures: dict[str, Any], plan: Plan) -> None:
+    goal = plan.targets
+    one, many = figures.get("one_process", {}), figures.get("processes", {})
+    indexed, parity_ = figures.get("indexer", {}), figures.get("parity", {})
+    tests = figures.get("cuda_tests", {})
+
+    def check(value: Any, ok: Any) -> tuple[Any, str]:
+        if value is None:
+            return "n/a", "NOT MEASURED"
+        return value, verdict(bool(ok(value)))
+
+    rows = []
+    for name, value, target, ok in (
+        ("one process, batched RPC (img/s)", one.get("images_per_s"), f">= {goal['one']:,.0f}",
+         lambda v: v >= goal["one"]),
+        ("one process vs engine alone", one.get("vs_engine_alone"),
+         f">= {goal['one_vs_engine']}", lambda v: v >= goal["one_vs_engine"]),
+        (f"{plan.processes} processes together (img/s)", many.get("images_per_s"),
+         f">= {goal['many']:,.0f}", lambda v: v >= goal["many"]),
+        (f"indexer, {plan.catalog:,} images, wall clock (s)", indexed.get("wall_s"),
+         f"<= {goal['indexer_s']}", lambda v: v <= goal["indexer_s"]),
+        ("every product searchable after", indexed.get("all_searchable"), "yes", bool),
+        ("parity: lowest cosine, fp16 vs CPU fp32", parity_.get("min_cosine"),
+         f">= {goal['cos']}", lambda v: v >= goal["cos"]),
+        ("CUDA tests pass", tests.get("passed"), "yes", bool),
+    ):  # fmt: skip
+        shown, result = check(value, ok)
+        rows.append([name, shown, target, result])
+    where = figures.get("gpu", "no GPU: smoke sizes, not comparable")
+    print("\n" + table(f"Issue 15 targets ({where})", ["figure", "measured", "target", ""], rows))
+    figures["targets"] = {row[0]: {"measured": row[1], "target": row[2], "verdict": row[3]}
+                          for row in rows}  # fmt: skip
+    print(f"(gpu bench: {figures['seconds']:.0f} s)")
 
 
 def _versions() -> dict[str, str]:
@@ -426,27 +535,12 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _summary(figures: dict[str, Any], plan: Plan) -> None:
-    service = figures.get("service", {})
-    gpu = service.get("gpu", {}) if isinstance(service, dict) else {}
-    model = figures.get("model_only", {}).get("best_fp16", {})
-    rows = [
-        ["model only, fp16, best batch", model.get("images_per_s", "n/a"), ">= 30,000 img/s"],
-        ["service, --decode gpu", gpu.get("images_per_s", "n/a"), ">= 10,000 img/s"],
-        [f"catalog of {plan.catalog} images", gpu.get("catalog_s", "n/a"), "< 10 s"],
-        ["single-image latency p50 (ms)", gpu.get("latency_ms", {}).get("p50", "n/a"), "<= 10 ms"],
-    ]
-    title = f"Issue 7 targets ({figures.get('gpu', 'no GPU: smoke sizes, not comparable')})"
-    print("\n" + table(title, ["figure", "measured", "target"], rows))
-    print(f"(gpu bench: {figures['seconds']:.0f} s)")
-
-
 def _write(figures: dict[str, Any]) -> None:
-    path = record("gpu", figures)
+    path = record("gpu-encoder", figures)
     print(f"figures: {path}")
     out = os.environ.get("OUT")
     if out:
-        target = Path(out) / "gpu.json"
+        target = Path(out) / "gpu-encoder.json"
         target.write_text(json.dumps(figures, indent=2, default=str))
         print(f"figures: {target}")
 
@@ -455,9 +549,9 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
     # Every model here has random weights on purpose; one loud warning per build is noise.
     logging.getLogger("encoder_service.model").setLevel(logging.ERROR)
-    if argv[:1] == ["--compile-probe"]:
-        compile_probe(argv[1], argv[2], int(argv[3]))
-        return 0
+    # gpu.sh's timeout sends SIGTERM: unwind, so that the encoder and search processes stop
+    # and leave the device to the next step.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     run()
     return 0
 

@@ -4,6 +4,8 @@
 #
 #   source bench/gpu_env.sh && "$python" -m pytest tests/encoder/test_gpu_pipeline.py
 python="${PYTHON:-python3}"
+# Here (a development checkout) the project's virtual environment, when there is one.
+if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then python=.venv/bin/python; fi
 site=/tmp/site
 if compgen -G ".whl/*.whl" >/dev/null; then
     if "$python" -m pip --version >/dev/null 2>&1; then
