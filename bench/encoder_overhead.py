@@ -36,6 +36,13 @@ from bench.common import median, process_cpu_s, table, verdict
 from tests import images
 from tests.support import ServiceProcess, free_port
 
+
+def _default_workers() -> int:
+    from encoder_service.settings import EncoderSettings
+
+    return EncoderSettings().worker_count()
+
+
 MODEL = "VPM-Tiny"
 IMAGES = int(os.environ.get("VPM_BENCH_OVERHEAD_IMAGES", "6000"))
 ROUNDS = int(os.environ.get("VPM_BENCH_ROUNDS", "3"))
@@ -43,7 +50,8 @@ CACHE = Path(os.environ.get("VPM_BENCH_CACHE", Path.home() / ".cache" / "vpm"))
 SIZES = ((64, 64), (80, 80), (96, 72), (96, 96))
 DISTINCT = 256  # distinct files, cycled
 MAX_BATCH = 32
-WORKERS = 2
+# The service's default (a decode thread per core but one); VPM_BENCH_OVERHEAD_WORKERS sets it.
+WORKERS = int(os.environ.get("VPM_BENCH_OVERHEAD_WORKERS", "0")) or _default_workers()
 THREADS = 2
 STREAMS = 4
 # Every stream's window (2 x max batch) fits: the RPCs never see RESOURCE_EXHAUSTED.

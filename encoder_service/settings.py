@@ -50,7 +50,9 @@ class EncoderSettings(ServerGuards):
     )
     max_batch: int = setting(0, "largest inference batch (0: 8 on cpu, 256 on cuda)")
     max_delay_ms: float = setting(5.0, "longest wait for a batch to fill before it runs")
-    workers: int = setting(0, "image decode threads (0: one per core, at most 8)")
+    workers: int = setting(
+        0, "image decode threads (0: one per core but the one left to inference, 1 to 8)"
+    )
     threads: int = setting(0, "inference threads on the cpu (0: one per core)")
     queue_size: int = setting(
         0, "items in flight before new work gets RESOURCE_EXHAUSTED (0: 8 x max batch)"
@@ -106,7 +108,10 @@ class EncoderSettings(ServerGuards):
         return 256 if device.startswith("cuda") else 8
 
     def worker_count(self) -> int:
-        return self.workers or min(8, available_cpus())
+        # Decode threads on every core contend with the inference thread for them (and for
+        # the GIL): on 2 cores, 2 decode threads cost ~40% more CPU per image than 1 and
+        # encode fewer images a second (BENCHMARKS.md, encoder service overhead).
+        return self.workers or max(1, min(8, available_cpus() - 1))
 
     def thread_count(self) -> int:
         return self.threads or available_cpus()

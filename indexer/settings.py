@@ -26,7 +26,9 @@ class IndexerSettings:
     prune_limit: float = setting(
         0.5, "refuse a --prune that would delete more than this fraction of the catalog"
     )
-    batch_size: int = setting(1000, "products per UpsertProducts call (one acknowledged batch)")
+    batch_size: int = setting(
+        1000, "products per UpsertProductBatches call (one acknowledged batch)"
+    )
     window: int = setting(0, "images in flight per encoder (0: twice the encoder's max batch)")
     workers: int = setting(4, "threads hashing files")
     dry_run: bool = setting(False, "only report what a run would do")
