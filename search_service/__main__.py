@@ -86,9 +86,8 @@ async def serve(settings: SearchSettings) -> int:
         batch_size=settings.batch_size,
         search_threads=settings.search_threads,
         scan_threads=settings.scan_threads,
+        index_device=device,
     )
-    # SearchEngine passes no device to its mirror yet: set it before the index is built.
-    engine.mirror.device = device
     app = SearchApp(engine)
     server, port = await create_server(settings, app)
     if settings.metrics_port:

@@ -158,7 +158,12 @@ def stats_message(stats: Stats) -> search_pb2.Stats:
         model_id=stats.model_id,
         dim=stats.dim,
         encoders=[
-            search_pb2.EncoderStatus(target=e.target, state=e.state, model_id=e.model_id)
+            search_pb2.EncoderStatus(
+                target=e.target,
+                state=e.state,
+                model_id=e.model_id,
+                random_weights=e.random_weights,
+            )
             for e in stats.encoders
         ],
         query_cache=query_cache_message(stats.query_cache),

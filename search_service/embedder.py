@@ -85,7 +85,10 @@ class QueryEmbedder:
     async def states(self) -> list[EncoderState]:
         if self.pool is None:
             return []
-        return [EncoderState(s.target, s.state, s.model_id) for s in await self.pool.status()]
+        return [
+            EncoderState(s.target, s.state, s.model_id, s.random_weights)
+            for s in await self.pool.status()
+        ]
 
     async def close(self) -> None:
         if self.pool is not None:

@@ -74,12 +74,15 @@ class SearchEngine:
         batch_size: int = 5000,
         search_threads: int = 8,
         scan_threads: int = 1,
+        index_device: str = "cpu",
     ) -> None:
         self.catalog = catalog
         self.embedder: Embedder = embedder or QueryEmbedder(None)
         self.batch_size = batch_size
         self.index_factory = index_factory
-        self.mirror = CatalogMirror(catalog, data_dir, index_factory, index_params, scan_threads)
+        self.mirror = CatalogMirror(
+            catalog, data_dir, index_factory, index_params, scan_threads, index_device
+        )
         self._writer = threading.Lock()  # orders catalog writes
         # Applies committed writes to the mirror, one at a time, in commit order; with
         # one OpenMP thread, so that FAISS's idle workers do not spin on the cores the

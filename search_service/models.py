@@ -143,6 +143,7 @@ class EncoderState:
     target: str
     state: str
     model_id: str
+    random_weights: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,6 +84,7 @@ class TargetStatus:
     calls: int
     failures: int
     last_error: str
+    random_weights: bool = False
 
 
 class _Target:
@@ -469,8 +470,15 @@ class EncoderPool:
             unreachable = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
             state = "UNREACHABLE" if err.code() in unreachable else err.code().name
         model_id = target.model_info.model_id if target.model_info is not None else ""
+        info = target.model_info
         return TargetStatus(
-            target.name, state, model_id, target.calls, target.failures, target.last_error
+            target.name,
+            state,
+            model_id,
+            target.calls,
+            target.failures,
+            target.last_error,
+            info is not None and info.random_weights,
         )
 
 

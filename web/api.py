@@ -19,8 +19,9 @@ IMAGE_PATH = "image_path"
 IMAGE_URL = "image_url"
 METADATA = ("gender", "master_category", "sub_category", "article_type", "base_colour",
             "season", "year", "usage", "category")  # fmt: skip
-# Encoders name random weights in their model id ("<model>/random-seed<n>", encoder_service.model);
-# ModelInfo.random_weights says the same, but the page reaches only the search service.
+# Encoders name random weights in their model id ("<model>/random-seed<n>", encoder_service.model):
+# what tells a search's vectors apart when no encoder is asked (a product-id query, the catalog's
+# model); GetStats says it of each encoder (EncoderStatus.random_weights).
 RANDOM_WEIGHTS_MARK = "/random-seed"
 
 
@@ -144,7 +145,8 @@ def status_json(stats: search_pb2.Stats) -> dict[str, Any]:
             "serving": sum(e.state == "SERVING" for e in stats.encoders),
             "models": models,
         },
-        "random_weights": any(random_weights(m) for m in [stats.model_id, *models]),
+        "random_weights": random_weights(stats.model_id)
+        or any(e.random_weights for e in stats.encoders),
     }
 
 

@@ -63,7 +63,9 @@ def test_image_products_and_image_text_queries(
 
     stats = running.stub.GetStats(search_pb2.GetStatsRequest())
     assert stats.model_id == "VPM-Tiny/random-seed0" and stats.dim == 64
-    assert [(e.state, e.model_id) for e in stats.encoders] == [("SERVING", stats.model_id)]
+    assert [(e.state, e.model_id, e.random_weights) for e in stats.encoders] == [
+        ("SERVING", stats.model_id, True)  # --pretrained none
+    ]
 
     hit = running.stub.Search(search_pb2.SearchRequest(image=images["sku-5"], top_k=3), timeout=60)
     assert hit.matches[0].product.id == "sku-5"

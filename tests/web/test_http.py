@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
@@ -157,9 +158,7 @@ def test_status_tells_random_weights_by_the_encoders_model_id(
     status = page.get("/api/status").json()
     assert status["products"] == COUNT and status["random_weights"] is False
     # The oracle: the encoder's own ModelInfo flag, for the model id the page reads.
-    channel_stub = encoder_pb2_grpc.EncoderStub(
-        __import__("grpc").insecure_channel(encoder_server.target)
-    )
+    channel_stub = encoder_pb2_grpc.EncoderStub(grpc.insecure_channel(encoder_server.target))
     info = channel_stub.GetModelInfo(encoder_pb2.GetModelInfoRequest(), timeout=30)
     assert info.random_weights is True and api.random_weights(info.model_id) is True
     assert api.random_weights("ViT-B-32/laion2b_s34b_b79k") is False
