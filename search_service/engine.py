@@ -9,12 +9,13 @@ the GIL), so they run alongside each other and alongside catalog writes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -98,6 +99,8 @@ class SearchEngine:
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="commit")
         # Makes an upsert's batches durable beside its next commits (see _commit).
         self._syncer = ThreadPoolExecutor(1, thread_name_prefix="sync")
+        self._upserts = 0  # upsert calls under way (catch_up waits for them)
+        self._upserts_lock = threading.Lock()
         self.loaded = False
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -134,8 +137,16 @@ class SearchEngine:
         """Apply catalog changes made by other processes since the version held.
 
         It runs on the applier thread, so it takes its turn among this process's
-        own writes and the mirror stays in catalog version order.
+        own writes and the mirror stays in catalog version order. While this
+        process's own upserts are under way it does nothing: it would read back
+        from the catalog the batches they committed and have yet to apply (the
+        catalog's cost, not the index's), and their applies catch up anyway when
+        another writer's version comes between two of theirs.
         """
+        with self._upserts_lock:
+            if self._upserts:
+                version = self.mirror.version
+                return CaughtUp(version, version)
         return self._applier.submit(self.mirror.catch_up).result()
 
     def prune_deletions(self, retention_s: float) -> int:
@@ -341,7 +352,7 @@ class SearchEngine:
             for rows in await asyncio.to_thread(cutter.add, products, vectors):
                 await commits.put(rows)
 
-        with collector_paused():
+        with collector_paused(), self._upserting():
             try:
                 async for entry in entries:
                     if isinstance(entry, UpsertItem):
@@ -361,6 +372,16 @@ class SearchEngine:
             finally:
                 await commits.settle()
         return summary
+
+    @contextlib.contextmanager
+    def _upserting(self) -> Iterator[None]:
+        with self._upserts_lock:
+            self._upserts += 1
+        try:
+            yield
+        finally:
+            with self._upserts_lock:
+                self._upserts -= 1
 
     def upsert_products(self, products: Sequence[Product], vectors: np.ndarray) -> UpsertSummary:
         """`upsert` for callers without an event loop (tests, benchmarks): the products,

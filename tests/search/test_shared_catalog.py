@@ -198,3 +198,52 @@ def test_upkeep_has_nothing_to_checkpoint_on_postgresql(
 ) -> None:
     engine = open_engine(postgres_catalog_url)
     asyncio.run(asyncio.wait_for(checkpoint_when_quiet(engine, 0.01), 5))  # returns at once
+
+
+def test_catch_up_waits_while_the_engine_s_own_upsert_runs_and_misses_nothing(
+    catalog_url: str, open_engine: OpenEngine, tmp_path: Path
+) -> None:
+    """A's upsert pauses between its batches while B writes; a catch-up meanwhile reads
+    nothing (A's own commits come through its applies), yet A ends with B's writes too:
+    its next apply finds B's version in between and catches up then."""
+    from search_service.models import VectorBatch
+
+    products, vectors = random_catalog(300, 16)
+    a = open_engine(catalog_url, tmp_path / "a", batch_size=100)
+    b = open_engine(catalog_url, tmp_path / "b")
+    reads: list[int] = []
+    products_of = a.catalog.products
+
+    def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - a spy on catalog reads
+        reads.append(1)
+        return products_of(*args, **kwargs)
+
+    a.catalog.products = counting
+    paused = asyncio.Event()
+    go_on = asyncio.Event()
+
+    async def batches():
+        yield VectorBatch(products[:100], vectors[:100])
+        paused.set()
+        await go_on.wait()
+        yield VectorBatch(products[100:200], vectors[100:200])
+
+    async def run() -> tuple:
+        upsert = asyncio.ensure_future(a.upsert(batches()))
+        await paused.wait()
+        await asyncio.sleep(0.2)  # A's first batch is committed (and maybe applied)
+        await asyncio.to_thread(b.upsert_products, products[200:], vectors[200:])
+        before = len(reads)
+        during = await asyncio.to_thread(a.catch_up)
+        read_during = len(reads) - before
+        go_on.set()
+        summary = await upsert
+        return during, read_during, summary
+
+    during, read_during, summary = asyncio.run(asyncio.wait_for(run(), 30))
+    assert during.since == during.version and read_during == 0  # nothing read meanwhile
+    assert summary.inserted == 200
+    a.catch_up()
+    b.catch_up()
+    assert a.mirror.agrees() and len(a.mirror.records) == 300
+    assert a.index_keys().tolist() == b.index_keys().tolist()
