@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import struct
 
+import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, ImageOps
+from torchvision import transforms
 
+from encoder_service.gpu_pipeline import CpuPixels, TensorImagePipeline, TensorTransform
+from encoder_service.images import ImageLimits
 from encoder_service.jpeg_header import XMP_PREFIX, read_jpeg_header
+from encoder_service.model import ModelConfig, load_model
 from tests import images
+from vpm_common.errors import InvalidArgument
 
 MAX_BYTES, MAX_PIXELS = 2_000_000, 20_000_000
 
@@ -109,16 +118,58 @@ def test_the_limits_are_checked_from_the_header_alone() -> None:
 EXIF_JPEG = with_segment(with_segment(SMALL, 0xE1, XMP_6), 0xE1, exif_block(8, ">"))
 
 
+@functools.cache
+def device_path() -> tuple[TensorImagePipeline, transforms.Compose]:
+    """The GPU path's router on the CPU, and open_clip's own PIL-side steps of the same model."""
+    preprocess = load_model(ModelConfig("VPM-Tiny", "none")).preprocess
+    limits = ImageLimits(MAX_BYTES, MAX_PIXELS)
+    router = TensorImagePipeline(
+        TensorTransform.from_preprocess(preprocess), limits, "cpu", torch.float32
+    )
+    return router, transforms.Compose(preprocess.transforms[:3])  # resize, crop, RGB
+
+
+def pillow_pixels(data: bytes, pil_steps: transforms.Compose) -> np.ndarray | None:
+    """Pillow's own answer: the upright image through open_clip's PIL steps, None if it refuses."""
+    try:
+        image = Image.open(
+            io.BytesIO(data), formats=("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+        )
+        if image.width * image.height > MAX_PIXELS:
+            return None
+        image.load()
+    except Exception:  # noqa: BLE001 - whatever Pillow refuses, the service refuses
+        return None
+    with contextlib.suppress(Exception):  # a broken EXIF block leaves the image as stored
+        image = ImageOps.exif_transpose(image)
+    try:
+        return np.asarray(pil_steps(image), dtype=np.uint8)
+    except (OSError, ValueError):
+        return None
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), min_size=1, max_size=4))
 def test_a_damaged_header_is_read_as_pillow_reads_it_or_left_to_pillow(changes) -> None:
     data = bytearray(EXIF_JPEG)
     for position, value in changes:
         data[position % len(data)] = value
-    header = read(bytes(data))
-    if header is None:
+    data = bytes(data)
+    header = read(data)
+    if header is not None:
+        image = Image.open(io.BytesIO(data))
+        assert (header.width, header.height) == image.size
+        assert image.mode == "RGB"
+        assert header.orientation == pillow_orientation(data)
         return
-    image = Image.open(io.BytesIO(bytes(data)))
-    assert (header.width, header.height) == image.size
-    assert image.mode == "RGB"
-    assert header.orientation == pillow_orientation(bytes(data))
+    # Declined: the GPU path must give exactly Pillow's answer, pixels or a refusal.
+    router, pil_steps = device_path()
+    expected = pillow_pixels(data, pil_steps)
+    try:
+        payload, _ = router.admit(data)
+    except InvalidArgument:
+        assert expected is None, "the GPU path refused an image Pillow decodes"
+        return
+    assert isinstance(payload, CpuPixels), "a declined file went to the device decoder"
+    assert expected is not None, "the GPU path took an image Pillow refuses"
+    np.testing.assert_array_equal(payload.pixels.numpy(), expected)
