@@ -5,8 +5,11 @@ Docker images, compose services and Kubernetes containers each start a
 run the probe. Here each one's module must exist, each flag must be one its
 --help lists, and its settings must load from exactly that argv and that
 environment (the image's ENV under the manifest's). The slow tests go
-further: they lay out an image's /app as its Dockerfile copies it, start its
-ENTRYPOINT, and run its HEALTHCHECK command until the service is SERVING.
+further, on this host: they lay out an image's /app as its Dockerfile copies
+it, start its ENTRYPOINT with the image's ENV, and run its HEALTHCHECK command
+until the service is SERVING. No image is built, so what only a build would
+show (the base image, its system packages, the venv it installs) is not tested
+here.
 """
 
 from __future__ import annotations
@@ -229,7 +232,7 @@ def test_pg_isready_takes_the_compose_health_check_flags() -> None:
     assert all(flag in help_text for flag in command if flag.startswith("--"))
 
 
-# -- the images' commands as real processes ------------------------------------------------
+# -- the images' commands as processes on this host (no image is built) ------------------------
 
 IMAGE_PATHS = {"/var/lib/vpm": "data", "/var/cache/vpm": "cache"}
 
@@ -269,7 +272,7 @@ def _generate_protos(dockerfile: Dockerfile, src: Path) -> Path:
 
 @dataclass
 class ImageProcess:
-    """An image's ENTRYPOINT running from a laid-out /app, with only that /app importable."""
+    """An image's ENTRYPOINT as a host process from a laid-out /app, only that /app importable."""
 
     process: subprocess.Popen
     env: dict[str, str]
@@ -341,9 +344,10 @@ def _stops_on_sigterm(image: ImageProcess) -> None:
 
 
 @pytest.mark.slow
-def test_search_image_serves_passes_its_healthcheck_and_stops_on_sigterm(
+def test_search_entrypoint_run_on_the_host_passes_the_healthcheck_and_stops_on_sigterm(
     start_image: Callable[..., ImageProcess],
 ) -> None:
+    """search.Dockerfile's ENTRYPOINT and HEALTHCHECK, run here from its laid-out /app."""
     image = start_image(IMAGES["vpm/search"], {})
     image.wait_healthy(60)
     assert "catalog.db" in os.listdir(image.env["VPM_SEARCH_DATA_DIR"]), "state in the volume"
@@ -351,9 +355,10 @@ def test_search_image_serves_passes_its_healthcheck_and_stops_on_sigterm(
 
 
 @pytest.mark.slow
-def test_web_image_serves_passes_its_healthcheck_and_stops_on_sigterm(
+def test_web_entrypoint_run_on_the_host_passes_the_healthcheck_and_stops_on_sigterm(
     start_image: Callable[..., ImageProcess],
 ) -> None:
+    """web.Dockerfile's ENTRYPOINT and HEALTHCHECK, run here from its laid-out /app."""
     # No search service behind it: the page still serves, and says so on the page.
     image = start_image(IMAGES["vpm/web"], {})
     image.wait_healthy(60)
@@ -361,9 +366,10 @@ def test_web_image_serves_passes_its_healthcheck_and_stops_on_sigterm(
 
 
 @pytest.mark.slow
-def test_cpu_encoder_image_serves_passes_its_healthcheck_and_stops_on_sigterm(
+def test_cpu_encoder_entrypoint_run_on_the_host_passes_the_healthcheck_and_stops_on_sigterm(
     start_image: Callable[..., ImageProcess], model_cache: Path
 ) -> None:
+    """encoder-cpu.Dockerfile's ENTRYPOINT and HEALTHCHECK, run here from its laid-out /app."""
     # No weights can be downloaded here: the tiny model with seeded random weights.
     image = start_image(
         IMAGES["vpm/encoder-cpu"],
