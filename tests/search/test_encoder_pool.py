@@ -194,7 +194,7 @@ def test_each_reply_names_its_model_even_when_the_channel_stays_up(
 def test_a_target_that_turns_to_another_model_is_left_and_its_images_go_elsewhere(
     fake_encoders: Callable,
 ) -> None:
-    (a, server_a), (b, server_b) = fake_encoders(model_id="m1"), fake_encoders(model_id="m1")
+    (_, server_a), (b, server_b) = fake_encoders(model_id="m1"), fake_encoders(model_id="m1")
     images = [b"img%d" % i for i in range(20)]
 
     async def work(pool: EncoderPool):
