@@ -10,7 +10,10 @@ float32 top k, not an approximation.
 
 Any other FAISS factory string (HNSW32, "IVF4096,PQ64", ...) is approximate.
 Such indexes cannot remove vectors in place, so each vector gets a label (its
-position) and a removed vector becomes a tombstone that searches skip.
+position) and a removed vector becomes a tombstone that searches skip. Their
+search parameter (efSearch, nprobe; see search_service.search_params) is set
+on the built index, never a reason to rebuild it, and search_service.tuning
+chooses it, and how narrow a filter is scored exactly, by measuring recall.
 
 On device "cuda" (see search_service.gpu) this CPU index stays the master and a
 replica in GPU memory answers the first pass of each search; the rest (exact
@@ -33,8 +36,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from search_service import gpu
+from search_service import gpu, search_params
 from search_service.exact_topk import FirstPass, exact_top_k, first_fetch
+from search_service.labels import Labels
 from vpm_common.errors import FailedPrecondition
 
 logger = logging.getLogger(__name__)
@@ -44,13 +48,12 @@ FLAT = "Flat"
 # relative per component, so by Cauchy-Schwarz the score moves by at most 4.9e-4;
 # float32 summation adds ~3e-5. Twice that margin keeps the proof safe.
 FP16_SCORE_ERROR = 1e-3
-# Filters that leave at most this many products are scored directly, without a scan.
+# Filters that leave at most this many products are scored directly, without a scan
+# (an approximate index's limit is then measured: VectorIndex.exact_filter_limit).
 DIRECT_LIMIT = 2048
 # Vectors scored per matrix product when a large set is scored exactly (bounds the memory).
 SCORE_CHUNK = 65_536
 SNAPSHOT_FORMAT = 1
-# Search-time defaults for approximate indexes; `params` overrides them.
-DEFAULT_PARAMS = {"HNSW": "efSearch=128", "IVF": "nprobe=32"}
 
 
 class IndexNotReady(FailedPrecondition):
@@ -125,11 +128,14 @@ class VectorIndex:
         self.params = params
         self.device = device
         self._present = np.zeros(0, dtype=bool)  # by key
+        # Filtered sets of at most this many keys are scored exactly instead of searched.
+        self.exact_filter_limit = DIRECT_LIMIT
+        self.changes = 0  # vectors put or removed since it was made (see tuning)
         # The search replica in GPU memory (device cuda; IVF: once trained).
         self._replica: gpu.Replica | None = None
         # Labels of the rows of an index that removes nothing in place: the approximate
         # index (and its replica), or the replica alone of a Flat index.
-        self._rows = _Labels()
+        self._rows = Labels()
         if factory == FLAT:
             self._exact = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
             # The float16 copy in shards (key % shards) that one query scans in parallel;
@@ -148,7 +154,7 @@ class VectorIndex:
                 self._replica = gpu.Replica(gpu.new_flat_replica(dim))
         else:
             self._ann = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-            self._apply_params()
+            search_params.apply_params(self._ann, params)
 
     # -- state ---------------------------------------------------------------------------
 
@@ -171,6 +177,32 @@ class VectorIndex:
         if self._ann is None:
             return int(self._exact.ntotal)
         return self._rows.rows - self._rows.dead
+
+    @property
+    def search_parameter(self) -> str | None:
+        """efSearch or nprobe: what trades this index's recall for speed (None: nothing)."""
+        return None if self._ann is None else search_params.parameter_of(self._ann)
+
+    @property
+    def search_value(self) -> int | None:
+        """The value of `search_parameter` in force."""
+        return None if self._ann is None else search_params.value_of(self._ann)
+
+    @property
+    def search_values(self) -> tuple[int, ...]:
+        """The values of `search_parameter` worth trying, smallest first (see tuning)."""
+        return () if self._ann is None else search_params.ladder(self._ann)
+
+    def set_search_value(self, value: int) -> None:
+        """Put `value` in force for `search_parameter`, on the replica too (hold the write
+        side of the caller's lock: searches read it)."""
+        if self._ann is None:
+            raise ValueError("an exact index has no search parameter")
+        search_params.set_value(self._ann, value)
+        replica = self._replica
+        if replica is not None and hasattr(replica.index, "nprobe"):  # a GPU IVF copy
+            with replica.search.device_lock:
+                replica.index.nprobe = value
 
     def keys(self) -> np.ndarray:
         """Every key held, sorted."""
@@ -215,7 +247,8 @@ class VectorIndex:
         if not self.is_trained:
             raise IndexNotReady(f"the {self.factory} index is not trained yet")
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        self.remove(keys)
+        self._remove(keys)
+        self.changes += len(keys)
         self._grow(int(keys.max()) + 1)
         if self._ann is None:
             self._exact.add_with_ids(vectors, keys)
@@ -231,6 +264,11 @@ class VectorIndex:
 
     def remove(self, keys: np.ndarray) -> int:
         """Drop the vectors held under `keys` (unknown keys are ignored); how many went."""
+        removed = self._remove(keys)
+        self.changes += removed
+        return removed
+
+    def _remove(self, keys: np.ndarray) -> int:
         keys = np.asarray(keys, dtype=np.int64)
         keys = keys[(keys >= 0) & (keys < len(self._present))]
         keys = np.unique(keys[self._present[keys]])
@@ -277,17 +315,45 @@ class VectorIndex:
         k = min(k, available)
         if k <= 0:
             return np.empty(0, np.int64), np.empty(0, np.float32)
-        if allowed is not None and len(allowed) <= DIRECT_LIMIT:
-            return self._score(query[0], np.asarray(allowed, dtype=np.int64), k)
+        if allowed is not None and len(allowed) <= self.exact_filter_limit:
+            return self.score(query[0], np.asarray(allowed, dtype=np.int64), k)
         if self._ann is None:
             return self._flat_search(query, k, allowed, available)
         return self._ann_search(query, k, allowed)
 
-    def _score(self, query: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def approximate(
+        self, query: np.ndarray, k: int, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """What `search` answers through the approximate index, however few are `allowed`
+        (tuning measures it against `score`)."""
+        query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, self.dim)
+        k = min(k, len(self) if allowed is None else len(allowed))
+        if k <= 0:
+            return np.empty(0, np.int64), np.empty(0, np.float32)
+        return self._ann_search(query, k, allowed)
+
+    def approximate_many(self, queries: np.ndarray, k: int, value: int | None) -> np.ndarray:
+        """The keys (one row per query, -1 past the last found) the approximate index alone
+        finds at `value` of its search parameter, on the CPU, leaving the one in force be."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        rows = self._rows
+        bits = None if rows.dead == 0 else _bitmap(rows.live(), rows.rows)
+        try:
+            params = search_params.search_parameters(self._ann, bits, value)
+            _, found = self._ann.search(queries, k, params=params)
+        except RuntimeError:
+            # This index type takes no selector: over-fetch, then drop the tombstones.
+            _, found = self._ann.search(queries, min(rows.rows, k + rows.dead))
+        keys = np.where(found >= 0, rows.keys[np.maximum(found, 0)], -1)
+        # Found keys first in each row (stable: best first), tombstones and misses last.
+        order = np.argsort(keys < 0, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(keys, order, axis=1)
+
+    def score(self, query: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The exact best k of `keys`, best first; equal scores in the order of `keys`."""
         if len(keys) > SCORE_CHUNK:
             parts = [
-                self._score(query, keys[start : start + SCORE_CHUNK], k)
+                self.score(query, keys[start : start + SCORE_CHUNK], k)
                 for start in range(0, len(keys), SCORE_CHUNK)
             ]
             keys = np.concatenate([part[0] for part in parts])
@@ -301,7 +367,7 @@ class VectorIndex:
         self, query: np.ndarray, k: int, allowed: np.ndarray | None, available: int
     ) -> tuple[np.ndarray, np.ndarray]:
         def score(keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-            return self._score(query[0], keys, k)
+            return self.score(query[0], keys, k)
 
         if self._replica is not None:
             return self._replica_search(query[0], k, allowed, available, score)
@@ -399,7 +465,8 @@ class VectorIndex:
             )
         else:
             try:
-                scores, found = self._ann.search(query, k, params=self._search_params(bits))
+                params = search_params.search_parameters(self._ann, bits)
+                scores, found = self._ann.search(query, k, params=params)
                 scores, found = scores[0], found[0]
             except RuntimeError:
                 # This index type takes no selector: over-fetch, then filter here.
@@ -414,23 +481,9 @@ class VectorIndex:
         if len(found) < k:
             # Approximate search missed some passing vectors (a narrow filter): score them all.
             pool = rows.live() if labels is None else labels
-            keys, scores = self._score(query[0], rows.keys[pool], k)
+            keys, scores = self.score(query[0], rows.keys[pool], k)
             return keys, scores
         return rows.keys[found], scores
-
-    def _search_params(self, bits: np.ndarray | None) -> faiss.SearchParameters | None:
-        if bits is None:
-            return None
-        selector = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))
-        inner = faiss.downcast_index(self._ann)
-        if isinstance(inner, faiss.IndexHNSW):
-            params = faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)
-        elif isinstance(inner, faiss.IndexIVF):
-            params = faiss.SearchParametersIVF(sel=selector, nprobe=inner.nprobe)
-        else:
-            params = faiss.SearchParameters(sel=selector)
-        params.keep_alive = (selector, bits)  # SWIG holds raw pointers to both
-        return params
 
     def _overfetch(
         self,
@@ -467,18 +520,6 @@ class VectorIndex:
         present[: len(self._present)] = self._present
         self._present = present
 
-    def _apply_params(self) -> None:
-        inner = faiss.downcast_index(self._ann)
-        defaults = []
-        if isinstance(inner, faiss.IndexHNSW):
-            defaults.append(DEFAULT_PARAMS["HNSW"])
-        if faiss.try_extract_index_ivf(self._ann) is not None:
-            defaults.append(DEFAULT_PARAMS["IVF"])
-        space = faiss.ParameterSpace()
-        for text in [*defaults, self.params]:
-            if text:
-                space.set_index_parameters(self._ann, text)
-
     def _after_training(self) -> None:
         ivf = faiss.try_extract_index_ivf(self._ann)
         if ivf is not None:
@@ -499,7 +540,7 @@ class VectorIndex:
         assert self._replica is not None
         keys, vectors = self._stored()
         self._replica.reset()
-        self._rows = _Labels()
+        self._rows = Labels()
         for start in range(0, len(keys), SCORE_CHUNK):
             self._replica.add(vectors[start : start + SCORE_CHUNK])
             self._rows.add(keys[start : start + SCORE_CHUNK])
@@ -534,9 +575,10 @@ class VectorIndex:
 
     @classmethod
     def load(
-        cls, path: Path, scan_threads: int = 1, device: str = "cpu"
+        cls, path: Path, scan_threads: int = 1, device: str = "cpu", params: str | None = None
     ) -> tuple[VectorIndex, dict]:
-        """The index saved at `path` (on either device) and its meta, on `device`;
+        """The index saved at `path` (on either device) and its meta, on `device`, with
+        the search-time `params` in force (None: those it was saved with);
         SnapshotError when it cannot be trusted."""
         try:
             with np.load(path, allow_pickle=False) as archive:
@@ -555,7 +597,7 @@ class VectorIndex:
             index = cls(
                 int(header["dim"]),
                 header["factory"],
-                header.get("params", ""),
+                header.get("params", "") if params is None else params,
                 scan_threads,
                 device,
             )
@@ -579,8 +621,9 @@ class VectorIndex:
                 self._add_coarse(keys, vectors)
         else:
             self._ann = main
-            self._apply_params()
-            self._rows = _Labels(np.asarray(label_keys, dtype=np.int64))
+            # Search-time parameters are the service's, not the snapshot's.
+            search_params.apply_params(self._ann, self.params)
+            self._rows = Labels(np.asarray(label_keys, dtype=np.int64))
             keys = self._rows.keys[self._rows.live()]
             if self.device == "cuda" and self._ann.is_trained:
                 self._replica = gpu.Replica(gpu.copy_to_gpu(self._ann))
@@ -588,55 +631,6 @@ class VectorIndex:
         if len(keys):
             self._grow(int(keys.max()) + 1)
             self._present[keys] = True
-
-
-class _Labels:
-    """Rows of an index that removes nothing in place, labelled by position, and their keys.
-
-    A removed key's row stays as a tombstone (key -1) until the index is rebuilt.
-    """
-
-    def __init__(self, label_keys: np.ndarray | None = None) -> None:
-        self.keys = np.zeros(0, dtype=np.int64)  # by label; -1 once removed; room past `rows`
-        self.labels = np.zeros(0, dtype=np.int64)  # by key; -1 when absent
-        self.rows = 0
-        self.dead = 0
-        if label_keys is not None and len(label_keys):
-            self.keys = label_keys.copy()
-            self.rows = len(label_keys)
-            live = self.live()
-            self.dead = self.rows - len(live)
-            if len(live):
-                self._fit_keys(int(self.keys[live].max()) + 1)
-                self.labels[self.keys[live]] = live
-
-    def live(self) -> np.ndarray:
-        """The labels of rows not removed."""
-        return np.flatnonzero(self.keys[: self.rows] >= 0)
-
-    def add(self, keys: np.ndarray) -> None:
-        """Label new rows for `keys` (not held), after the last row."""
-        first, end = self.rows, self.rows + len(keys)
-        if len(self.keys) < end:
-            grown = np.full(max(2 * len(self.keys), end), -1, np.int64)
-            grown[: len(self.keys)] = self.keys
-            self.keys = grown
-        self.keys[first:end] = keys
-        self._fit_keys(int(keys.max()) + 1)
-        self.labels[keys] = np.arange(first, end, dtype=np.int64)
-        self.rows = end
-
-    def remove(self, keys: np.ndarray) -> None:
-        """Make tombstones of the rows of `keys` (all held)."""
-        self.keys[self.labels[keys]] = -1
-        self.labels[keys] = -1
-        self.dead += len(keys)
-
-    def _fit_keys(self, size: int) -> None:
-        if size > len(self.labels):
-            grown = np.full(max(size, 2 * len(self.labels), 1024), -1, np.int64)
-            grown[: len(self.labels)] = self.labels
-            self.labels = grown
 
 
 class _Scans:

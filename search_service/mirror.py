@@ -180,7 +180,11 @@ class CatalogMirror:
         if state.dim is None:
             return None
         try:
-            index, meta = VectorIndex.load(self.snapshot_path, self.scan_threads, self.device)
+            # Search-time parameters (efSearch, nprobe) are this process's, set on the
+            # loaded index: another value never costs a rebuild.
+            index, meta = VectorIndex.load(
+                self.snapshot_path, self.scan_threads, self.device, self.params
+            )
         except SnapshotError as err:
             logger.warning("%s: rebuilding the index from the catalog", err)
             return None
@@ -189,8 +193,6 @@ class CatalogMirror:
             problem = "belongs to another catalog"
         elif (meta.get("factory"), meta.get("dim")) != (self.factory, state.dim):
             problem = f"is a {meta.get('factory')} index of dim {meta.get('dim')}"
-        elif meta.get("params", "") != self.params:
-            problem = f"was built with index params {meta.get('params')!r}"
         elif meta.get("model_id") != state.model_id:
             problem = f"holds vectors of model {meta.get('model_id')!r}"
         elif meta["version"] > state.version:

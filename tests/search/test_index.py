@@ -10,6 +10,9 @@ import faiss
 import numpy as np
 import pytest
 
+from search_service import gpu
+from search_service.catalog import Catalog
+from search_service.engine import SearchEngine
 from search_service.index import (
     DIRECT_LIMIT,
     IndexNotReady,
@@ -20,7 +23,7 @@ from search_service.index import (
     single_threaded,
     training_need,
 )
-from tests.search.conftest import assert_exact_top_k, brute_force
+from tests.search.conftest import assert_exact_top_k, brute_force, random_catalog
 
 
 def unit_rows(count: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -255,3 +258,76 @@ def test_openmp_threads_are_set_per_thread_and_restored() -> None:
         before, during, after = worker.submit(inside_worker).result()
     assert (before, during, after) == (1, os.cpu_count(), 1)
     assert faiss.omp_get_max_threads() == mine  # this thread kept its own setting
+
+
+def test_snapshot_loads_with_other_search_params_without_a_rebuild(tmp_path: Path) -> None:
+    """efSearch is a search-time setting: a snapshot written at 16 loads at 128, in force."""
+    vectors = unit_rows(3000, 32)
+    keys = np.arange(3000, dtype=np.int64)
+    index = VectorIndex(32, "HNSW8", "efSearch=16")
+    index.put(keys, vectors)
+    path = tmp_path / "index.snapshot"
+    index.save(path, {"version": 1})
+    loaded, _meta = VectorIndex.load(path, params="efSearch=128")
+    assert (index.search_value, loaded.search_value) == (16, 128)
+    # The same graph searched at 128: what FAISS itself answers with efSearch=128.
+    queries = unit_rows(20, 32, seed=5)
+    raw = faiss.deserialize_index(faiss.serialize_index(index._ann))  # noqa: SLF001 - the graph
+    _, expected = raw.search(queries, 10, params=faiss.SearchParametersHNSW(efSearch=128))
+    _, at_16 = raw.search(queries, 10, params=faiss.SearchParametersHNSW(efSearch=16))
+    found = np.stack([loaded.search(query, 10)[0] for query in queries])
+    assert np.array_equal(found, expected) and not np.array_equal(found, at_16)
+
+
+def test_a_restart_with_another_ef_search_keeps_the_snapshot(tmp_path: Path) -> None:
+    url, data = f"sqlite:///{tmp_path}/catalog.db", tmp_path / "data"
+    engine = SearchEngine(
+        Catalog.open(url), data, index_factory="HNSW8", index_params="efSearch=16"
+    )
+    engine.load()
+    engine.upsert_products(*random_catalog(2000, 16))
+    engine.close()  # writes the snapshot
+    again = SearchEngine(
+        Catalog.open(url), data, index_factory="HNSW8", index_params="efSearch=128"
+    )
+    again.load()
+    try:
+        assert again.mirror.snapshot_loaded is not None  # loaded, not rebuilt
+        assert again.mirror.index.search_value == 128
+    finally:
+        again.close()
+
+
+@pytest.mark.parametrize("factory", ["HNSW8", "IVF16,Flat", "PQ4x4"])
+def test_approximate_many_is_what_each_search_finds_at_that_value(factory: str) -> None:
+    """The batch a measurement runs skips tombstones and leaves the value in force alone."""
+    vectors = unit_rows(2000, 16, seed=2)
+    keys = np.arange(2000, dtype=np.int64) + 10
+    index = VectorIndex(16, factory)
+    index.train(vectors)
+    index.put(keys, vectors)
+    index.remove(keys[::3])
+    in_force = index.search_value
+    value = {"HNSW8": 24, "IVF16,Flat": 2, "PQ4x4": None}[factory]
+    queries = unit_rows(15, 16, seed=3)
+    found = index.approximate_many(queries, 10, value)
+    assert index.search_value == in_force
+    if value is not None:
+        index.set_search_value(value)
+    for query, row in zip(queries, found, strict=True):
+        assert row.tolist() == index.search(query, 10)[0].tolist()
+        assert not set(row.tolist()) & set(keys[::3].tolist())
+
+
+def test_search_value_reaches_the_gpu_replica(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On cuda an IVF replica answers the first pass: nprobe is set there too (a CPU clone
+    stands in for the GPU copy here; tests/search/test_index_device.py runs the real one)."""
+    monkeypatch.setattr(gpu, "copy_to_gpu", faiss.clone_index)
+    vectors = unit_rows(2000, 16)
+    index = VectorIndex(16, "IVF16,Flat", "nprobe=2", device="cuda")
+    index.train(vectors)
+    index.put(np.arange(2000), vectors)
+    replica = index._replica.index  # noqa: SLF001 - the replica's setting is the point
+    assert (index.search_value, replica.nprobe) == (2, 2)
+    index.set_search_value(16)
+    assert (index.search_value, replica.nprobe) == (16, 16)
