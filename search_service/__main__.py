@@ -15,7 +15,12 @@ from search_service.index import check_index_settings
 from search_service.query_cache import CachingEmbedder
 from search_service.server import SearchApp, create_server
 from search_service.settings import SearchSettings
-from search_service.upkeep import catch_up_every, checkpoint_when_quiet, prune_every
+from search_service.upkeep import (
+    catch_up_every,
+    checkpoint_when_quiet,
+    prune_every,
+    tune_when_due,
+)
 from vpm_common.encoder_pool import EncoderPool
 from vpm_common.errors import Unavailable
 from vpm_common.logs import configure_logging
@@ -87,6 +92,7 @@ async def serve(settings: SearchSettings) -> int:
         search_threads=settings.search_threads,
         scan_threads=settings.scan_threads,
         index_device=device,
+        target_recall=settings.target_recall,
     )
     app = SearchApp(engine)
     server, port = await create_server(settings, app)
@@ -113,12 +119,16 @@ async def serve(settings: SearchSettings) -> int:
     following = asyncio.create_task(catch_up_every(engine, settings.catch_up_interval_s))
     pruning = asyncio.create_task(prune_every(engine, settings.deletions_retention_days))
     checkpoints = asyncio.create_task(checkpoint_when_quiet(engine))
+    # An approximate index's recall: measured once loaded and whenever it changed enough.
+    tuning = asyncio.create_task(tune_when_due(engine))
     signal_name = await stop
     logger.info("%s received: NOT_SERVING, stopping within %.0fs", signal_name, settings.grace_s)
     snapshots.cancel()
     following.cancel()
     pruning.cancel()
     checkpoints.cancel()
+    tuning.cancel()
+    engine.tuner.stop()  # a measurement under way ends at its next chunk
     await stop_gracefully(server, app.health, settings.grace_s)
     await embedder.close()
     await asyncio.to_thread(engine.close)  # flush the index snapshot, close the catalog

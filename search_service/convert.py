@@ -10,6 +10,7 @@ from search_service.models import (
     DeleteSummary,
     FacetQuery,
     FacetResult,
+    IndexTuning,
     Product,
     QueryCacheStats,
     SearchQuery,
@@ -167,6 +168,35 @@ def stats_message(stats: Stats) -> search_pb2.Stats:
             for e in stats.encoders
         ],
         query_cache=query_cache_message(stats.query_cache),
+        index_tuning=index_tuning_message(stats.index_tuning),
+    )
+
+
+def index_tuning_message(tuning: IndexTuning) -> search_pb2.IndexTuning:
+    return search_pb2.IndexTuning(
+        status=tuning.status,
+        target_recall=tuning.target_recall,
+        measured_recall=tuning.measured_recall,
+        parameter=tuning.parameter,
+        value=tuning.value,
+        reached=tuning.reached,
+        k=tuning.k,
+        sample_size=tuning.sample_size,
+        measured_at_version=tuning.measured_at_version,
+        measured_at=tuning.measured_at,
+        seconds=tuning.seconds,
+        exact_filter_limit=tuning.exact_filter_limit,
+        filters=[
+            search_pb2.FilterRecall(
+                selectivity=level.selectivity,
+                allowed=level.allowed,
+                approximate_recall=level.approximate_recall,
+                approximate_ms=level.approximate_ms,
+                exact_ms=level.exact_ms,
+                exact=level.exact,
+            )
+            for level in tuning.filters
+        ],
     )
 
 

@@ -47,6 +47,7 @@ from search_service.models import (
     VectorBatch,
 )
 from search_service.query_cache import CachingEmbedder, Embedder
+from search_service.tuning import IndexTuner
 from search_service.vectors import unit_vector
 from vpm_common.errors import (
     FailedPrecondition,
@@ -76,6 +77,7 @@ class SearchEngine:
         search_threads: int = 8,
         scan_threads: int = 1,
         index_device: str = "cpu",
+        target_recall: float = 0.0,
     ) -> None:
         self.catalog = catalog
         self.embedder: Embedder = embedder or QueryEmbedder(None)
@@ -84,6 +86,8 @@ class SearchEngine:
         self.mirror = CatalogMirror(
             catalog, data_dir, index_factory, index_params, scan_threads, index_device
         )
+        # Measures an approximate index's recall off the request path (see upkeep).
+        self.tuner = IndexTuner(self.mirror, target_recall)
         self._writer = threading.Lock()  # orders catalog writes
         # Applies committed writes to the mirror, one at a time, in commit order; with
         # one OpenMP thread, so that FAISS's idle workers do not spin on the cores the
@@ -292,6 +296,7 @@ class SearchEngine:
                 dim=(mirror.dim or 0) if has_products else 0,
                 encoders=encoders,
                 query_cache=self.query_cache_stats(),
+                index_tuning=self.tuner.tuning,
             )
 
     def facets(self, query: FacetQuery) -> FacetResult:

@@ -96,3 +96,39 @@ class _QueryCacheMetrics:
 
 
 QUERY_CACHE = _QueryCacheMetrics()
+
+
+class _IndexTuningMetrics:
+    """What the recall measurement of an approximate index found (see search_service.tuning)."""
+
+    def __init__(self) -> None:
+        self.target = Gauge(
+            "vpm_search_index_target_recall", "Recall@10 the approximate index is held to"
+        )
+        self.recall = Gauge(
+            "vpm_search_index_recall",
+            "Recall@10 measured at the search parameter in force (leave-one-out, catalog sample)",
+        )
+        self.reached = Gauge(
+            "vpm_search_index_recall_reached", "1 when the measured recall reaches the target"
+        )
+        self.value = Gauge(
+            "vpm_search_index_search_parameter",
+            "The search parameter the measurement chose, by name (efSearch, nprobe)",
+            ["parameter"],
+        )
+        self.filter_recall = Gauge(
+            "vpm_search_index_filter_recall",
+            "Recall@10 of filtered searches through the approximate index, by selectivity",
+            ["selectivity"],
+        )
+        self.exact_filter_limit = Gauge(
+            "vpm_search_index_exact_filter_limit",
+            "Filters leaving at most this many products are scored exactly",
+        )
+        self.seconds = Gauge(
+            "vpm_search_index_tuning_seconds", "Seconds the last recall measurement took"
+        )
+
+
+INDEX_TUNING = _IndexTuningMetrics()

@@ -168,6 +168,52 @@ class QueryCacheStats:
 
 
 @dataclass(frozen=True, slots=True)
+class FilterRecall:
+    """Recall@k of filtered searches at one filter selectivity, and which way they go.
+
+    `allowed` keys pass a random filter of `selectivity`; `approximate_recall` and
+    the two costs (median milliseconds per query) were measured with both the
+    approximate index and the exact scan of those keys; `exact` tells which the
+    service chose: the scan when the index misses the target or costs more.
+    """
+
+    selectivity: float
+    allowed: int
+    approximate_recall: float
+    approximate_ms: float
+    exact_ms: float
+    exact: bool
+
+
+@dataclass(frozen=True, slots=True)
+class IndexTuning:
+    """What the recall measurement of an approximate index found and chose (see tuning).
+
+    `status`: "off" (no --target-recall), "exact" (a Flat index: nothing to measure),
+    "pending" (not measured yet), "measured". `value` of `parameter` (efSearch,
+    nprobe; empty for an index without one) is the smallest that reached
+    `target_recall`; when none did (`reached` false), the one with the best
+    recall. `measured_recall` is recall@k at `value` over `sample_size`
+    catalog vectors used as queries, each left out of its own results.
+    Filtered sets of at most `exact_filter_limit` keys are scored exactly.
+    """
+
+    status: str = "off"
+    target_recall: float = 0.0
+    measured_recall: float = 0.0
+    parameter: str = ""
+    value: int = 0
+    reached: bool = False
+    k: int = 0
+    sample_size: int = 0
+    measured_at_version: int = 0
+    measured_at: float = 0.0  # Unix time
+    seconds: float = 0.0  # what the measurement took
+    exact_filter_limit: int = 0
+    filters: tuple[FilterRecall, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Stats:
     products: int
     index_type: str
@@ -178,6 +224,7 @@ class Stats:
     dim: int
     encoders: list[EncoderState]
     query_cache: QueryCacheStats = field(default_factory=QueryCacheStats)
+    index_tuning: IndexTuning = field(default_factory=IndexTuning)
 
 
 # Facets: the filterable fields a search page offers, in this order, when none are asked for.

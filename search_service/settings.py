@@ -38,7 +38,16 @@ class SearchSettings(ServerGuards):
         "HNSW32 or IVF4096,PQ64 (approximate; IVF and PQ train once the catalog is large enough)",
     )
     index_params: str = setting(
-        "", "FAISS search parameters for approximate indexes, e.g. efSearch=256 or nprobe=64"
+        "",
+        "FAISS search parameters for approximate indexes, e.g. efSearch=256 or nprobe=64; "
+        "set on the loaded snapshot (no rebuild); --target-recall chooses efSearch or nprobe",
+    )
+    target_recall: float = setting(
+        0.0,
+        "recall@10 an approximate index is held to, e.g. 0.95: its search parameter "
+        "(efSearch, nprobe) and which filters are scanned exactly are chosen by measuring it "
+        "on the catalog's own vectors, once built and whenever a tenth of it has changed "
+        "(0: off; Flat is exact)",
     )
     index_device: str = setting(
         "cpu",
@@ -120,6 +129,11 @@ class SearchSettings(ServerGuards):
         )
         check(bool(self.catalog_url.strip()), "catalog_url", "must not be empty")
         check(bool(self.index_factory.strip()), "index_factory", "must not be empty")
+        check(
+            0 <= self.target_recall <= 1,
+            "target_recall",
+            f"must be 0 (off) to 1, got {self.target_recall}",
+        )
         problem = factory_problem(self.index_factory) if self.index_device == "cuda" else None
         check(problem is None, "index_device", f"cuda: {problem}")
         for target in self.encoder:

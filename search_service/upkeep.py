@@ -1,5 +1,6 @@
 """Background upkeep of a serving engine: following the shared catalog, pruning its deletions
-log, and checkpointing a SQLite catalog's write-ahead log once writes pause.
+log, checkpointing a SQLite catalog's write-ahead log once writes pause, and measuring an
+approximate index's recall when it has changed enough.
 
 Several search processes may share one catalog (PostgreSQL). Each keeps its
 mirror in step by reading the catalog's change log every few seconds: only
@@ -20,6 +21,8 @@ logger = logging.getLogger(__name__)
 PRUNE_INTERVAL_S = 3600.0
 # Writes have paused once the catalog version stays put this long.
 CHECKPOINT_INTERVAL_S = 1.0
+# How often to look whether the index needs its recall measured (looking is cheap).
+TUNE_CHECK_INTERVAL_S = 5.0
 
 
 async def catch_up_every(engine: SearchEngine, interval_s: float) -> None:
@@ -95,3 +98,19 @@ async def checkpoint_when_quiet(
         logger.debug(
             "checkpointed the catalog at version %d: %s log frames in the file", version, frames
         )
+
+
+async def tune_when_due(engine: SearchEngine, interval_s: float = TUNE_CHECK_INTERVAL_S) -> None:
+    """Measure the approximate index's recall now and whenever it is due (see tuning), in a
+    worker thread: searches go on meanwhile. Returns at once without a target or for Flat."""
+    tuner = engine.tuner
+    if not tuner.enabled:
+        return
+    while True:
+        try:
+            await asyncio.to_thread(tuner.tune_if_due)
+        except VpmError as err:
+            logger.warning("cannot measure the index's recall: %s (retrying)", err.message)
+        except Exception:  # noqa: BLE001 - retried at the next check
+            logger.exception("measuring the index's recall failed")
+        await asyncio.sleep(interval_s)

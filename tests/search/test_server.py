@@ -319,3 +319,44 @@ def test_image_and_text_queries_with_an_encoder(
     stats = running.stub.GetStats(search_pb2.GetStatsRequest())
     assert stats.encoders[0].state == "UNREACHABLE"
     assert serving(running) == "SERVING"
+
+
+def test_stats_report_the_index_tuning(
+    open_engine: Callable[..., SearchEngine], sqlite_url: str, start_search: Callable
+) -> None:
+    engine = open_engine(sqlite_url, index_factory="HNSW8", target_recall=0.9)
+    products, vectors = random_catalog(2000, DIM, seed=4)
+    engine.upsert_products(products, vectors)
+    running = start_search(engine)
+    pending = running.stub.GetStats(search_pb2.GetStatsRequest()).index_tuning
+    assert (pending.status, pending.target_recall) == ("pending", pytest.approx(0.9))
+    tuning = engine.tuner.tune()
+    reply = running.stub.GetStats(search_pb2.GetStatsRequest()).index_tuning
+    assert (reply.status, reply.parameter, reply.value, reply.reached) == (
+        "measured",
+        "efSearch",
+        engine.mirror.index.search_value,
+        True,
+    )
+    assert reply.measured_recall == pytest.approx(tuning.measured_recall)
+    assert reply.measured_recall >= 0.9
+    assert (reply.k, reply.sample_size, reply.measured_at_version) == (10, 1000, 1)
+    assert reply.exact_filter_limit == tuning.exact_filter_limit
+    assert [(f.selectivity, f.allowed) for f in reply.filters] == [
+        (0.5, 1000),
+        (0.1, 200),
+        (0.01, 20),
+        (0.001, 2),
+    ]
+    assert REGISTRY.get_sample_value("vpm_search_index_recall") == pytest.approx(
+        tuning.measured_recall
+    )
+    value = REGISTRY.get_sample_value(
+        "vpm_search_index_search_parameter", {"parameter": "efSearch"}
+    )
+    assert value == reply.value
+
+
+def test_stats_of_a_flat_index_say_tuning_is_off(served: RunningSearch) -> None:
+    tuning = served.stub.GetStats(search_pb2.GetStatsRequest()).index_tuning
+    assert (tuning.status, tuning.target_recall, tuning.value) == ("off", 0.0, 0)
