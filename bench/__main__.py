@@ -15,6 +15,8 @@ BENCHES = {
     "shared-catalog": "bench.shared_catalog_bench",
     "indexer": "bench.indexer_bench",
     "web": "bench.web_bench",
+    "recall": "bench.recall_bench",
+    "jpeg-header": "bench.jpeg_header_bench",
 }
 
 
