@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import numpy as np
@@ -56,15 +56,9 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
     ) -> AsyncIterator[encoder_pb2.EmbeddingItem]:
         engine = self._app.ready_engine()
         replies: asyncio.Queue[encoder_pb2.EmbeddingItem | None] = asyncio.Queue()
-        reader = asyncio.create_task(
-            _read_images(engine, request_iterator, _caller_for(context), replies)
-        )
-        try:
-            while (reply := await replies.get()) is not None:
-                yield reply
-            reader.result()  # re-raise what ended the reader, if anything did
-        finally:
-            reader.cancel()
+        reader = _read_images(engine, request_iterator, _caller_for(context), replies)
+        async for reply in _replies_of(reader, replies):
+            yield reply
 
     @rpc_boundary
     async def EncodeImageBatches(
@@ -72,15 +66,9 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
     ) -> AsyncIterator[encoder_pb2.ImageBatchResult]:
         engine = self._app.ready_engine()
         replies: asyncio.Queue[encoder_pb2.ImageBatchResult | None] = asyncio.Queue()
-        reader = asyncio.create_task(
-            _read_batches(engine, request_iterator, _caller_for(context), replies)
-        )
-        try:
-            while (reply := await replies.get()) is not None:
-                yield reply
-            reader.result()  # re-raise what ended the reader, if anything did
-        finally:
-            reader.cancel()
+        reader = _read_batches(engine, request_iterator, _caller_for(context), replies)
+        async for reply in _replies_of(reader, replies):
+            yield reply
 
     @rpc_boundary
     async def EncodeText(
@@ -124,6 +112,17 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             max_request_images=self._app.ready_engine().max_request_images,
             max_request_bytes=self._app.ready_engine().config.max_request_bytes,
         )
+
+
+async def _replies_of(reader: Coroutine[Any, Any, None], replies: asyncio.Queue) -> AsyncIterator:
+    """Run a stream's reader, which queues replies and then None; yield them as they come."""
+    task = asyncio.create_task(reader)
+    try:
+        while (reply := await replies.get()) is not None:
+            yield reply
+        task.result()  # re-raise what ended the reader, if anything did
+    finally:
+        task.cancel()
 
 
 async def _read_images(

@@ -227,18 +227,9 @@ class Stats:
     index_tuning: IndexTuning = field(default_factory=IndexTuning)
 
 
-# Facets: the filterable fields a search page offers, in this order, when none are asked for.
-FACET_FIELDS = (
-    "gender",
-    "master_category",
-    "sub_category",
-    "article_type",
-    "base_colour",
-    "season",
-    "year",
-    "usage",
-    "category",
-)
+# Facets: the filterable fields a search page offers, in this order, when none are asked for:
+# the metadata columns but the name, which is one value a product.
+FACET_FIELDS = tuple(name for name in METADATA_FIELDS if name != "name")
 DEFAULT_FACET_VALUES = 100
 MAX_FACET_VALUES = 1000
 
