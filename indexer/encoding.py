@@ -86,9 +86,12 @@ class FileEncoder:
             info = await self.pool.connect(timeout_s)
         except VpmError as error:
             raise EncodingError(error.message) from None
-        window = self.window or 2 * max(info.max_batch, 1)
-        # Two requests per encoder's window: one is encoded while the next is read and sent.
-        self.request_images = max(1, min(window // 2, info.max_request_images or window))
+        batch = max(info.max_batch, 1)
+        window = self.window or 4 * batch
+        # A request is one of the encoder's batches, and a window holds several, so that while
+        # one is encoded the next ones are read, sent and decoded (with two, the encoder
+        # waited on the indexer: BENCHMARKS.md, the indexer against the encoders alone).
+        self.request_images = max(1, min(batch, window // 2, info.max_request_images or batch))
         self.window = window
         self.model_info = info
         return info

@@ -19,6 +19,9 @@ from indexer.sources import SourceItem
 
 logger = logging.getLogger(__name__)
 
+# Files hashed by one task of the hashing threads.
+HASH_RUN = 256
+
 METADATA_FIELDS = (
     "name", "gender", "master_category", "sub_category", "article_type",
     "base_colour", "season", "year", "usage", "category",
@@ -52,11 +55,8 @@ class Plan:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def normalized(metadata: Iterable[tuple[str, str | int]]) -> tuple[tuple[str, str | int], ...]:
@@ -74,8 +74,11 @@ def make_plan(
     on_hashed: Callable[[int], None] | None = None,
 ) -> Plan:
     plan = Plan()
+    paths = [item.path for item in items]
+    # Runs of files a task, not one: a future per small file cost as much as hashing it.
+    runs = [paths[start : start + HASH_RUN] for start in range(0, len(paths), HASH_RUN)]
     with ThreadPoolExecutor(workers, thread_name_prefix="hash") as pool:
-        hashes = pool.map(_hash_or_error, [item.path for item in items])
+        hashes = (outcome for run in pool.map(_hashes_or_errors, runs) for outcome in run)
         for item, (sha256, error) in zip(items, hashes, strict=True):
             if on_hashed:
                 on_hashed(1)
@@ -98,6 +101,10 @@ def make_plan(
         on_disk = {item.id for item in items}
         plan.delete = sorted(set(stored) - on_disk)
     return plan
+
+
+def _hashes_or_errors(paths: list[Path]) -> list[tuple[str, str | None]]:
+    return [_hash_or_error(path) for path in paths]
 
 
 def _hash_or_error(path: Path) -> tuple[str, str | None]:

@@ -132,7 +132,7 @@ async def _prepare(
         )
     hashing = Progress(len(discovery.items), "hashing", unit="file", mode=settings.progress)
     plan = await asyncio.to_thread(
-        make_plan, discovery.items, stored, info.model_id, settings.prune, settings.workers,
+        make_plan, discovery.items, stored, info.model_id, settings.prune, settings.hash_workers(),
         lambda n: hashing.advance(n),
     )  # fmt: skip
     hashing.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from vpm_common.cpus import available_cpus
 from vpm_common.security import ClientSecurity, check_tls_settings, check_token_settings
 from vpm_common.settings import check, setting
 
@@ -29,8 +30,8 @@ class IndexerSettings:
     batch_size: int = setting(
         1000, "products per UpsertProductBatches call (one acknowledged batch)"
     )
-    window: int = setting(0, "images in flight per encoder (0: twice the encoder's max batch)")
-    workers: int = setting(4, "threads hashing files")
+    window: int = setting(0, "images in flight per encoder (0: four times the encoder's max batch)")
+    workers: int = setting(0, "threads hashing files (0: one per core, at most 8)")
     dry_run: bool = setting(False, "only report what a run would do")
     progress: str = setting("auto", "progress display", choices=("auto", "bar", "log", "off"))
     timeout_s: float = setting(120.0, "deadline of each call to the search service")
@@ -72,7 +73,7 @@ class IndexerSettings:
         check(0 <= self.prune_limit <= 1, "prune_limit", f"must be 0..1, got {self.prune_limit}")
         check(self.batch_size > 0, "batch_size", f"must be positive, got {self.batch_size}")
         check(self.window >= 0, "window", f"must be >= 0, got {self.window}")
-        check(self.workers > 0, "workers", f"must be positive, got {self.workers}")
+        check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
         check(self.timeout_s > 0, "timeout_s", "must be positive")
         check(self.stall_s > 0, "stall_s", "must be positive")
         check_tls_settings(self, "tls_cert", "tls_key", "tls_ca", server=False)
@@ -88,3 +89,7 @@ class IndexerSettings:
             token=self.auth_token,
             token_file=self.auth_token_file,
         )
+
+    def hash_workers(self) -> int:
+        # More threads than cores only wait on each other (and on the interpreter lock).
+        return self.workers or min(8, available_cpus())
