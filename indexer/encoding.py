@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,13 +102,43 @@ class FileEncoder:
         return self.pool.spread()
 
     async def encode(
-        self, jobs: list[Job], on_outcome: Callable[[Outcome], Awaitable[None]]
+        self, jobs: list[Job] | Jobs, on_outcome: Callable[[Outcome], Awaitable[None]]
     ) -> None:
-        """Encode every job once (or fail it with a reason), calling on_outcome as each finishes."""
+        """Encode every job once (or fail it with a reason), calling on_outcome as each finishes.
+
+        `jobs` may still be growing (a Jobs its producer closes when done): requests go out
+        as soon as one is full, so encoding overlaps whatever finds the jobs.
+        """
         if self.model_info is None:
             raise RuntimeError("connect() first")
-        if jobs:
-            await _Run(self, jobs, on_outcome).until_done()
+        if isinstance(jobs, list):
+            jobs = Jobs(jobs, closed=True)
+        await _Run(self, jobs, on_outcome).until_done()
+
+
+class Jobs:
+    """Jobs handed over as they are found; `close()` says no more will come."""
+
+    def __init__(self, jobs: list[Job] | None = None, closed: bool = False) -> None:
+        self._jobs: deque[Job] = deque(jobs or ())
+        self._closed = closed
+        self._changed = asyncio.Event()
+
+    def put(self, job: Job) -> None:
+        self._jobs.append(job)
+        self._changed.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._changed.set()
+
+    async def take(self, count: int) -> list[Job]:
+        """The next `count` jobs, waiting until there are that many or no more will come;
+        [] once all are taken."""
+        while len(self._jobs) < count and not self._closed:
+            self._changed.clear()
+            await self._changed.wait()
+        return [self._jobs.popleft() for _ in range(min(count, len(self._jobs)))]
 
 
 class _Run:
@@ -116,14 +147,13 @@ class _Run:
     def __init__(
         self,
         encoder: FileEncoder,
-        jobs: list[Job],
+        jobs: Jobs,
         on_outcome: Callable[[Outcome], Awaitable[None]],
     ) -> None:
         self.encoder = encoder
-        size = encoder.request_images
-        self.fresh = [jobs[start : start + size] for start in range(0, len(jobs), size)]
-        self.fresh.reverse()  # popped from the end, in order
-        self.again: list[list[_Loaded]] = []  # read, not yet encoded: sent again
+        self.fresh = jobs
+        # Read, not yet encoded: sent again (by the driver that put it there, if no other).
+        self.again: list[list[_Loaded]] = []
         self.on_outcome = on_outcome
         self.last_progress = time.monotonic()
         self.pause_s = 0.5
@@ -140,11 +170,14 @@ class _Run:
 
     async def _drive(self) -> None:
         """Send one request at a time until no work is left (or the run stalls)."""
-        while self.fresh or self.again:
+        while True:
             if self.again:
                 loaded = self.again.pop()
             else:
-                loaded = await self._read(self.fresh.pop())
+                jobs = await self.fresh.take(self.encoder.request_images)
+                if not jobs:
+                    return
+                loaded = await self._read(jobs)
             if loaded:
                 await self._encode(loaded)
 

@@ -65,6 +65,52 @@ def normalized(metadata: Iterable[tuple[str, str | int]]) -> tuple[tuple[str, st
     return tuple((name, values.get(name, 0 if name == "year" else "")) for name in METADATA_FIELDS)
 
 
+class Planner:
+    """Decides product by product, as the hashes of their images come, what a run does."""
+
+    def __init__(self, stored: dict[str, Stored], model_id: str) -> None:
+        self.stored = stored
+        self.model_id = model_id
+        self.plan = Plan()
+        self._ids_by_hash: dict[str, list[str]] = {}
+
+    def decide(self, item: SourceItem, sha256: str, error: str | None) -> str:
+        """ "encode", "metadata_only", "unchanged" or "unreadable", and noted in the plan."""
+        if error is not None:
+            self.plan.unreadable.append((item, error))
+            return "unreadable"
+        hashed = Hashed(item, sha256)
+        before = self.stored.get(item.id)
+        if before is None or before.sha256 != sha256 or before.model_id != self.model_id:
+            kind = "encode"
+        elif normalized(before.metadata) != normalized(item.metadata):
+            kind = "metadata_only"
+        else:
+            kind = "unchanged"
+        getattr(self.plan, kind).append(hashed)
+        self._ids_by_hash.setdefault(sha256, []).append(item.id)
+        return kind
+
+    def finish(self) -> Plan:
+        """The plan once every item is decided, with its groups of identical images."""
+        self.plan.duplicates = {sha: ids for sha, ids in self._ids_by_hash.items() if len(ids) > 1}
+        return self.plan
+
+
+def to_prune(items: list[SourceItem], stored: dict[str, Stored]) -> list[str]:
+    """Catalog products whose image is no longer on disk."""
+    on_disk = {item.id for item in items}
+    return sorted(set(stored) - on_disk)
+
+
+def hashed(items: list[SourceItem], pool: ThreadPoolExecutor) -> list[tuple[str, str | None]]:
+    """(sha256, error) of each item's file, in order, on the pool's threads."""
+    paths = [item.path for item in items]
+    # Runs of files a task, not one: a future per small file cost as much as hashing it.
+    runs = [paths[start : start + HASH_RUN] for start in range(0, len(paths), HASH_RUN)]
+    return [outcome for run in pool.map(_hashes_or_errors, runs) for outcome in run]
+
+
 def make_plan(
     items: list[SourceItem],
     stored: dict[str, Stored],
@@ -73,33 +119,18 @@ def make_plan(
     workers: int = 4,
     on_hashed: Callable[[int], None] | None = None,
 ) -> Plan:
-    plan = Plan()
-    paths = [item.path for item in items]
-    # Runs of files a task, not one: a future per small file cost as much as hashing it.
-    runs = [paths[start : start + HASH_RUN] for start in range(0, len(paths), HASH_RUN)]
+    """The whole plan at once (a dry run reports it; a run streams it, see indexer.run)."""
+    planner = Planner(stored, model_id)
     with ThreadPoolExecutor(workers, thread_name_prefix="hash") as pool:
-        hashes = (outcome for run in pool.map(_hashes_or_errors, runs) for outcome in run)
-        for item, (sha256, error) in zip(items, hashes, strict=True):
+        for start in range(0, len(items), HASH_RUN * workers):
+            part = items[start : start + HASH_RUN * workers]
+            for item, (sha256, error) in zip(part, hashed(part, pool), strict=True):
+                planner.decide(item, sha256, error)
             if on_hashed:
-                on_hashed(1)
-            if error is not None:
-                plan.unreadable.append((item, error))
-                continue
-            hashed = Hashed(item, sha256)
-            before = stored.get(item.id)
-            if before is None or before.sha256 != sha256 or before.model_id != model_id:
-                plan.encode.append(hashed)
-            elif normalized(before.metadata) != normalized(item.metadata):
-                plan.metadata_only.append(hashed)
-            else:
-                plan.unchanged.append(hashed)
-    ids_by_hash: dict[str, list[str]] = {}
-    for hashed in plan.encode + plan.metadata_only + plan.unchanged:
-        ids_by_hash.setdefault(hashed.sha256, []).append(hashed.item.id)
-    plan.duplicates = {sha: ids for sha, ids in ids_by_hash.items() if len(ids) > 1}
+                on_hashed(len(part))
+    plan = planner.finish()
     if prune:
-        on_disk = {item.id for item in items}
-        plan.delete = sorted(set(stored) - on_disk)
+        plan.delete = to_prune(items, stored)
     return plan
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from indexer.encoding import EncodingError, FileEncoder, Job, Outcome
-from indexer.plan import Hashed, Plan, make_plan
+from indexer.encoding import EncodingError, FileEncoder, Job, Jobs, Outcome
+from indexer.plan import HASH_RUN, Hashed, Plan, Planner, Stored, hashed, make_plan, to_prune
 from indexer.progress import Progress
 from indexer.settings import IndexerSettings
 from indexer.sources import Discovery, SourceItem, fashion_catalog, folder_catalog
@@ -18,6 +19,10 @@ from vpm.v1 import search_pb2
 from vpm_common.encoder_pool import EncoderPool
 
 logger = logging.getLogger(__name__)
+
+# Vectors kept for identical files hashed after their image was encoded (2 KB each at
+# 512-d); past this many, such a file is encoded again.
+KEPT_VECTORS = 100_000
 
 
 class SetupError(RuntimeError):
@@ -93,9 +98,15 @@ async def run(settings: IndexerSettings) -> Summary:
     encoders = FileEncoder(pool, window=settings.window, stall_s=settings.stall_s)
     search = SearchClient(settings.search, timeout_s=settings.timeout_s, security=security)
     try:
-        plan = await _prepare(settings, discovery, encoders, search, summary)
-        if not settings.dry_run:
-            await _apply(settings, plan, encoders, search, summary)
+        stored = await _prepare(settings, discovery, encoders, search, summary)
+        delete = to_prune(discovery.items, stored) if settings.prune else []
+        _check_prune(delete, len(stored), settings.prune_limit)
+        if settings.dry_run:
+            plan = await _whole_plan(settings, discovery, stored, summary.model_id)
+            plan.delete = delete
+            _report(plan, summary)
+        else:
+            await _apply(settings, discovery, stored, delete, encoders, search, summary)
     finally:
         summary.encoder_spread = encoders.spread()
         await pool.close()
@@ -110,7 +121,8 @@ async def _prepare(
     encoders: FileEncoder,
     search: SearchClient,
     summary: Summary,
-) -> Plan:
+) -> dict[str, Stored]:
+    """Connect to the encoders and the search service; what the catalog holds, by id."""
     try:
         info = await encoders.connect()
     except EncodingError as error:
@@ -130,13 +142,35 @@ async def _prepare(
             f"the catalog holds vectors of {stats.model_id} but the encoders run {info.model_id}; "
             "point at encoders of the catalog's model, or index into a new catalog"
         )
+    return stored
+
+
+def _check_prune(delete: list[str], stored: int, limit: float) -> None:
+    """A wrong or empty catalog path must not wipe the catalog: big prunes need saying so."""
+    if delete and len(delete) > limit * stored:
+        raise SetupError(
+            f"--prune would delete {len(delete)} of the catalog's {stored} products "
+            f"(more than --prune-limit {limit}); check the catalog path, or pass "
+            "--prune-limit 1 if that many products really are gone"
+        )
+
+
+async def _whole_plan(
+    settings: IndexerSettings, discovery: Discovery, stored: dict[str, Stored], model_id: str
+) -> Plan:
+    """Every file hashed and decided, nothing written: what a dry run reports."""
     hashing = Progress(len(discovery.items), "hashing", unit="file", mode=settings.progress)
-    plan = await asyncio.to_thread(
-        make_plan, discovery.items, stored, info.model_id, settings.prune, settings.hash_workers(),
-        lambda n: hashing.advance(n),
-    )  # fmt: skip
-    hashing.close()
-    _check_prune(plan, len(stored), settings.prune_limit)
+    try:
+        return await asyncio.to_thread(
+            make_plan, discovery.items, stored, model_id, False, settings.hash_workers(),
+            hashing.advance,
+        )  # fmt: skip
+    finally:
+        hashing.close()
+
+
+def _report(plan: Plan, summary: Summary) -> None:
+    """The plan's counts into the summary and the log."""
     summary.failed += [(str(item.path), reason) for item, reason in plan.unreadable]
     summary.skipped_unchanged = len(plan.unchanged)
     summary.duplicate_groups = len(plan.duplicates)
@@ -147,45 +181,44 @@ async def _prepare(
         len(plan.encode), len(plan.metadata_only), len(plan.unchanged),
         len(plan.delete), len(plan.unreadable),
     )  # fmt: skip
-    return plan
-
-
-def _check_prune(plan: Plan, stored: int, limit: float) -> None:
-    """A wrong or empty catalog path must not wipe the catalog: big prunes need saying so."""
-    if plan.delete and len(plan.delete) > limit * stored:
-        raise SetupError(
-            f"--prune would delete {len(plan.delete)} of the catalog's {stored} products "
-            f"(more than --prune-limit {limit}); check the catalog path, or pass "
-            "--prune-limit 1 if that many products really are gone"
-        )
 
 
 async def _apply(
     settings: IndexerSettings,
-    plan: Plan,
+    discovery: Discovery,
+    stored: dict[str, Stored],
+    delete: list[str],
     encoders: FileEncoder,
     search: SearchClient,
     summary: Summary,
 ) -> None:
-    if plan.delete:
-        summary.pruned = await search.delete(plan.delete)
+    """Prune, then hash the files and encode the images that need it at the same time: each
+    image goes to the encoders as soon as its hash says so, not once all are hashed."""
+    if delete:
+        summary.pruned = await search.delete(delete)
         logger.info("pruned %d products no longer on disk", summary.pruned)
-    total = len(plan.encode) + len(plan.metadata_only)
-    progress = Progress(total, "indexing", mode=settings.progress)
+    # Every product found settles: unchanged, indexed, or failed with its reason.
+    progress = Progress(len(discovery.items), "indexing", mode=settings.progress)
     uploader = Uploader(search, settings.batch_size, on_acknowledged=progress.advance)
-    model_id = encoders.model_info.model_id
+    indexing = _Indexing(encoders.model_info.model_id, stored, uploader, progress, summary)
+    producer = asyncio.create_task(
+        indexing.hash_and_route(discovery.items, settings.hash_workers())
+    )
     try:
+        await encoders.encode(indexing.jobs, indexing.encoded)
+        plan = await producer
         if plan.metadata_only:
             vectors = await search.vectors([h.item.id for h in plan.metadata_only])
             for hashed in plan.metadata_only:
-                await uploader.add(
-                    _product(hashed.item, hashed.sha256), vectors[hashed.item.id], model_id
-                )
+                await indexing.upload(hashed.item, hashed.sha256, vectors[hashed.item.id])
             summary.metadata_updated = len(plan.metadata_only)
-        await _encode(plan, encoders, uploader, progress, summary, model_id)
         totals = await uploader.close()
     finally:
+        producer.cancel()
+        await asyncio.gather(producer, return_exceptions=True)
         progress.close()
+    plan.delete = delete
+    _report(plan, summary)
     summary.failed += totals.failures
     logger.info(
         "search acknowledged: %d inserted, %d updated, %d unchanged, %d refused",
@@ -193,32 +226,74 @@ async def _apply(
     )  # fmt: skip
 
 
-async def _encode(
-    plan: Plan,
-    encoders: FileEncoder,
-    uploader: Uploader,
-    progress: Progress,
-    summary: Summary,
-    model_id: str,
-) -> None:
-    """Encode each distinct image once and upsert every product that shows it."""
-    products_of: dict[str, list[Hashed]] = {}
-    for hashed in plan.encode:
-        products_of.setdefault(hashed.sha256, []).append(hashed)
-    jobs = [Job(sha256, group[0].item.path) for sha256, group in products_of.items()]
+class _Indexing:
+    """One run's hashing and encoding, side by side: each distinct image is encoded once,
+    and every product that shows it is upserted with its vector."""
 
-    async def done(outcome: Outcome) -> None:
-        group = products_of[outcome.job.key]
+    def __init__(
+        self,
+        model_id: str,
+        stored: dict[str, Stored],
+        uploader: Uploader,
+        progress: Progress,
+        summary: Summary,
+    ) -> None:
+        self.model_id = model_id
+        self.planner = Planner(stored, model_id)
+        self.uploader = uploader
+        self.progress = progress
+        self.summary = summary
+        self.jobs = Jobs()
+        self.waiting: dict[str, list[Hashed]] = {}  # sha256 -> products awaiting its vector
+        # Vectors of images already encoded, for identical files hashed after them.
+        self.done: dict[str, tuple[Any, str]] = {}
+        self.hashing = True
+
+    async def hash_and_route(self, items: list[SourceItem], workers: int) -> Plan:
+        """Hash the files a slice at a time on `workers` threads; route each as decided."""
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="hash") as pool:
+                for start in range(0, len(items), HASH_RUN * workers):
+                    part = items[start : start + HASH_RUN * workers]
+                    outcomes = await asyncio.to_thread(hashed, part, pool)
+                    for item, (sha256, error) in zip(part, outcomes, strict=True):
+                        await self._route(item, sha256, self.planner.decide(item, sha256, error))
+        finally:
+            self.hashing = False
+            self.done.clear()  # no identical file can come any more
+            self.jobs.close()
+        return self.planner.finish()
+
+    async def _route(self, item: SourceItem, sha256: str, kind: str) -> None:
+        if kind in ("unchanged", "unreadable"):
+            self.progress.advance(1)  # settled (an unreadable file is reported as failed)
+        elif kind == "encode":
+            hashed_item = Hashed(item, sha256)
+            if sha256 in self.waiting:
+                self.waiting[sha256].append(hashed_item)
+            elif sha256 in self.done:
+                vector, encoded_sha = self.done[sha256]
+                self.summary.reused_duplicates += 1
+                await self.upload(item, encoded_sha, vector)
+            else:
+                self.waiting[sha256] = [hashed_item]
+                self.jobs.put(Job(sha256, item.path))
+
+    async def encoded(self, outcome: Outcome) -> None:
+        group = self.waiting.pop(outcome.job.key)
         if outcome.vector is None:
-            summary.failed += [(str(h.item.path), outcome.error) for h in group]
-            progress.advance(len(group))  # settled, if not indexed
+            self.summary.failed += [(str(h.item.path), outcome.error) for h in group]
+            self.progress.advance(len(group))  # settled, if not indexed
             return
-        summary.encoded += 1
-        summary.reused_duplicates += len(group) - 1
-        for hashed in group:
-            await uploader.add(_product(hashed.item, outcome.sha256), outcome.vector, model_id)
+        self.summary.encoded += 1
+        self.summary.reused_duplicates += len(group) - 1
+        if self.hashing and len(self.done) < KEPT_VECTORS:
+            self.done[outcome.job.key] = (outcome.vector, outcome.sha256)
+        for hashed_item in group:
+            await self.upload(hashed_item.item, outcome.sha256, outcome.vector)
 
-    await encoders.encode(jobs, done)
+    async def upload(self, item: SourceItem, sha256: str, vector: Any) -> None:
+        await self.uploader.add(_product(item, sha256), vector, self.model_id)
 
 
 def _product(item: SourceItem, sha256: str) -> search_pb2.Product:

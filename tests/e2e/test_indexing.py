@@ -202,3 +202,42 @@ def test_an_encoder_killed_mid_run_loses_nothing(stack: Stack, tmp_path: Path) -
     assert len(ids) == len(set(ids)) == 300
     status, summary, _ = index(stack, catalog)
     assert status == 0 and summary["encoded"] == 0 and summary["skipped_unchanged"] == 300
+
+
+def test_identical_images_are_encoded_once_while_hashing_and_encoding_overlap(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Copies of one picture under other ids: one next to its original (it joins the image
+    while that waits for its vector) and one 700 files later (hashed in a later slice,
+    when the vector is usually back and is reused). Either way: encoded once, and every
+    product stored with the same vector."""
+    catalog = generate(tmp_path / "catalog", count=40)
+    folder = catalog / "images"
+    rows = list(csv.reader((catalog / "styles.csv").open()))
+    header, first = rows[0], rows[1]
+    original = folder / f"{first[0]}.jpg"
+    fillers, copies = 700, {"90001": 1, "90002": 700}  # id -> position after the original
+    extra = []
+    for number in range(fillers):
+        product_id = str(80000 + number)
+        (folder / f"{product_id}.jpg").write_bytes(images.jpeg(48, 48, seed=1000 + number))
+        extra.append([product_id, *first[1:]])
+    for product_id, position in copies.items():
+        (folder / f"{product_id}.jpg").write_bytes(original.read_bytes())
+        extra.insert(position - 1, [product_id, *first[1:]])
+    with (catalog / "styles.csv").open("w", newline="") as file:
+        csv.writer(file).writerows([header, first, *extra, *rows[2:]])
+    status, summary, output = index(stack, catalog)
+    assert status == 0, output
+    total = 40 + fillers + len(copies)
+    assert (summary["found"], summary["failed"]) == (total, []), summary
+    assert summary["encoded"] == total - len(copies)  # each distinct image once
+    assert (summary["reused_duplicates"], summary["duplicate_groups"]) == (2, 1)
+    vectors = {
+        product_id: stack.stub.GetProduct(
+            search_pb2.GetProductRequest(id=product_id, include_vector=True), timeout=10
+        ).vector
+        for product_id in (first[0], *copies)
+    }
+    assert vectors["90001"] == vectors[first[0]] == vectors["90002"]
+    assert len(catalog_ids(stack)) == total
