@@ -294,12 +294,14 @@ def product_message(product: Product) -> search_pb2.Product:
 
 def ingest_batches(service: ServiceProcess, products: list, vectors: np.ndarray) -> float:
     """Products/s of one UpsertProductBatches call, RPC_BATCH products and one float32
-    matrix a message (messages built beforehand, not timed), synchronous=FULL."""
+    matrix a message (messages built beforehand, not timed), synchronous=FULL; the first
+    says how many the stream carries, as a bulk loader does (room is made once)."""
     messages = [
         search_pb2.ProductBatch(
             products=[product_message(p) for p in products[start : start + RPC_BATCH]],
             vectors=pack(vectors[start : start + RPC_BATCH]),
             model_id=products[start].model_id,
+            stream_products=len(products) if start == 0 else 0,
         )
         for start in range(0, len(products), RPC_BATCH)
     ]

@@ -41,13 +41,31 @@ def search_query(request: search_pb2.SearchRequest) -> SearchQuery:
 
 
 def search_response(result: SearchResult) -> search_pb2.SearchResponse:
-    return search_pb2.SearchResponse(
-        matches=[
-            search_pb2.Match(product=product_message(m.product), score=m.score)
-            for m in result.matches
-        ],
-        model_id=result.model_id,
-    )
+    response = search_pb2.SearchResponse(model_id=result.model_id)
+    for match in result.matches:
+        added = response.matches.add(score=match.score)
+        added.product.MergeFromString(_product_bytes(match.product))
+    return response
+
+
+# Products answered lately, serialized, by identity (the object kept, so its id is not
+# reused while here): a search answers the same catalog records again and again, and
+# building a Product message field by field was a tenth of the Search RPC's Python time
+# in a profile; merging its bytes costs a quarter of that. Records are replaced, never
+# changed, so a record found here is the one serialized. Cleared when full.
+PRODUCT_CACHE_ENTRIES = 65_536
+_serialized: dict[int, tuple[Product, bytes]] = {}
+
+
+def _product_bytes(item: Product) -> bytes:
+    cached = _serialized.get(id(item))
+    if cached is not None and cached[0] is item:
+        return cached[1]
+    data = product_message(item).SerializeToString()
+    if len(_serialized) >= PRODUCT_CACHE_ENTRIES:
+        _serialized.clear()
+    _serialized[id(item)] = (item, data)
+    return data
 
 
 def product(message: search_pb2.Product, model_id: str = "") -> Product:
@@ -102,7 +120,7 @@ async def upsert_entries(
                     "vectors (its row is its vector)"
                 )
             products.append(product(item, message.model_id))
-        yield VectorBatch(products, matrix)
+        yield VectorBatch(products, matrix, message.stream_products)
 
 
 def product_message(item: Product, vector: np.ndarray | None = None) -> search_pb2.Product:

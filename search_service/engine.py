@@ -368,6 +368,8 @@ class SearchEngine:
                         await commit(*await self._prepare(items, summary))
                         items = []
                     if isinstance(entry, VectorBatch):
+                        if entry.stream_products and commits.writing is None:
+                            commits.reserve = self._new_share(entry)
                         await commit(*await self._prepare_vectors(entry, summary))
                 if items:
                     await commit(*await self._prepare(items, summary))
@@ -377,6 +379,15 @@ class SearchEngine:
             finally:
                 await commits.settle()
         return summary
+
+    def _new_share(self, first: VectorBatch) -> int:
+        """Room to make for a stream of `first.stream_products`: as many as the share of
+        new ids in its first batch says (an update reuses its own room)."""
+        if not first.products:
+            return 0
+        with self.mirror.lock.read():
+            new = sum(product.id not in self.mirror.keys for product in first.products)
+        return -(-first.stream_products * new // len(first.products))
 
     @contextlib.contextmanager
     def _upserting(self) -> Iterator[None]:

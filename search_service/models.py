@@ -70,6 +70,8 @@ class VectorBatch:
 
     products: Sequence[Product]
     vectors: np.ndarray
+    # How many products the whole upsert carries, when its caller said (0: unknown).
+    stream_products: int = 0
 
 
 # What an upsert takes: products one by one, or many at once with a matrix.

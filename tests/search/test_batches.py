@@ -92,10 +92,13 @@ def test_float32_and_float16_rows_are_stored_normalized(empty: RunningSearch) ->
     assert (product.name, product.model_id) == ("name of b3", MODEL)
 
 
-def test_search_finds_what_was_upserted_exactly(empty: RunningSearch) -> None:
+@pytest.mark.parametrize("stream_products", [0, 300, 30, 100_000])  # none, right, low, high
+def test_search_finds_what_was_upserted_exactly(empty: RunningSearch, stream_products: int) -> None:
+    """Whatever the stream says of its size (room is made for it), results are exact."""
     products, vectors = random_catalog(300, DIM, seed=4)
     ids = [p.id for p in products]
     messages = [batch(ids[s : s + 64], vectors[s : s + 64]) for s in range(0, 300, 64)]
+    messages[0].stream_products = stream_products
     assert empty.stub.UpsertProductBatches(iter(messages)).inserted == 300
     for row in (0, 123, 299):
         query = vectors[row]
@@ -231,3 +234,15 @@ def test_a_batch_without_a_matrix_carries_vectors_and_images(
     summary = running.stub.UpsertProductBatches(iter([batch(["m"], vector[None, :], model_id="")]))
     assert (summary.inserted, summary.failed) == (1, 0)
     assert running.stub.GetProduct(search_pb2.GetProductRequest(id="m")).model_id == "fake-model"
+
+
+def test_room_is_made_for_the_share_of_new_products_the_first_message_shows(
+    open_engine: Callable[..., SearchEngine], catalog_url: str
+) -> None:
+    from search_service.models import VectorBatch
+
+    engine = open_engine(catalog_url)
+    products, vectors = random_catalog(100, DIM, seed=5)
+    engine.upsert_products(products[:60], vectors[:60])
+    first = VectorBatch(products[40:80], vectors[40:80], stream_products=1000)  # 20 of 40 new
+    assert engine._new_share(first) == 500
