@@ -17,6 +17,7 @@ BENCHES = {
     "web": "bench.web_bench",
     "recall": "bench.recall_bench",
     "jpeg-header": "bench.jpeg_header_bench",
+    "query": "bench.query_bench",
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,15 +25,19 @@ def unit_vector(
         raise InvalidArgument(
             f"{field}: expected {dim} values (the catalog's dimension), got {vector.size}"
         )
-    finite = np.isfinite(vector)
-    if not finite.all():
-        where = int(np.argmin(finite))
+    # float64 so that tiny or huge components neither underflow nor overflow the norm; the
+    # sum of squares is finite exactly when every component is (a float32's square fits a
+    # float64), so one dot product checks finiteness too. This runs once per query: a
+    # profile of the Search RPC found the separate isfinite/all/norm calls in its top costs.
+    wide = vector.astype(np.float64)
+    squares = float(wide @ wide)
+    if not math.isfinite(squares):
+        where = int(np.argmin(np.isfinite(vector)))
         raise InvalidArgument(f"{field}: value {where} is not finite ({vector[where]})")
-    # float64 so that tiny or huge components neither underflow nor overflow the norm.
-    norm = float(np.linalg.norm(vector.astype(np.float64)))
-    if norm == 0.0:
+    if squares == 0.0:
         raise InvalidArgument(f"{field}: has zero norm")
-    return (vector.astype(np.float64) / norm).astype(np.float32)
+    wide /= math.sqrt(squares)
+    return wide.astype(np.float32)
 
 
 def unit_vectors(

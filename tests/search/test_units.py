@@ -30,12 +30,22 @@ def test_unit_vector_survives_extreme_magnitudes() -> None:
     np.testing.assert_allclose(unit_vector([3e38, 3e38], "v"), [2**-0.5] * 2, rtol=1e-6)
 
 
+def test_unit_vector_agrees_with_a_float64_oracle_on_query_sized_vectors() -> None:
+    rng = np.random.default_rng(5)
+    for scale in (1e-30, 1.0, 1e30):
+        values = (rng.standard_normal(512) * scale).astype(np.float32)
+        wide = values.astype(np.float64)
+        expected = (wide / np.sqrt(np.sum(wide * wide))).astype(np.float32)
+        np.testing.assert_allclose(unit_vector(values, "v", 512), expected, rtol=1e-7)
+
+
 @pytest.mark.parametrize(
     ("values", "dim", "message"),
     [
         ([1.0, 2.0], 3, "vector: expected 3 values (the catalog's dimension), got 2"),
         ([1.0, float("nan"), 2.0], None, "vector: value 1 is not finite (nan)"),
         ([float("inf"), 0.0], None, "vector: value 0 is not finite (inf)"),
+        ([1.0, float("-inf"), float("inf")], None, "vector: value 1 is not finite (-inf)"),
         ([0.0, 0.0, 0.0], None, "vector: has zero norm"),
         ([], None, "vector: must be a non-empty list of numbers"),
     ],
