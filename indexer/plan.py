@@ -111,27 +111,29 @@ def hashed(items: list[SourceItem], pool: ThreadPoolExecutor) -> list[tuple[str,
     return [outcome for run in pool.map(_hashes_or_errors, runs) for outcome in run]
 
 
+def slices(items: list[SourceItem], workers: int) -> list[list[SourceItem]]:
+    """The items in slices of a run of files for each of `workers` hashing threads."""
+    size = HASH_RUN * workers
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
 def make_plan(
     items: list[SourceItem],
     stored: dict[str, Stored],
     model_id: str,
-    prune: bool,
     workers: int = 4,
     on_hashed: Callable[[int], None] | None = None,
 ) -> Plan:
-    """The whole plan at once (a dry run reports it; a run streams it, see indexer.run)."""
+    """The whole plan at once, prunes aside (a dry run reports it; a run streams it, see
+    indexer.run)."""
     planner = Planner(stored, model_id)
     with ThreadPoolExecutor(workers, thread_name_prefix="hash") as pool:
-        for start in range(0, len(items), HASH_RUN * workers):
-            part = items[start : start + HASH_RUN * workers]
+        for part in slices(items, workers):
             for item, (sha256, error) in zip(part, hashed(part, pool), strict=True):
                 planner.decide(item, sha256, error)
             if on_hashed:
                 on_hashed(len(part))
-    plan = planner.finish()
-    if prune:
-        plan.delete = to_prune(items, stored)
-    return plan
+    return planner.finish()
 
 
 def _hashes_or_errors(paths: list[Path]) -> list[tuple[str, str | None]]:

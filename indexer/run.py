@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from indexer.encoding import EncodingError, FileEncoder, Job, Jobs, Outcome
-from indexer.plan import HASH_RUN, Hashed, Plan, Planner, Stored, hashed, make_plan, to_prune
+from indexer.plan import Hashed, Plan, Planner, Stored, hashed, make_plan, slices, to_prune
 from indexer.progress import Progress
 from indexer.settings import IndexerSettings
 from indexer.sources import Discovery, SourceItem, fashion_catalog, folder_catalog
@@ -162,7 +162,7 @@ async def _whole_plan(
     hashing = Progress(len(discovery.items), "hashing", unit="file", mode=settings.progress)
     try:
         return await asyncio.to_thread(
-            make_plan, discovery.items, stored, model_id, False, settings.hash_workers(),
+            make_plan, discovery.items, stored, model_id, settings.hash_workers(),
             hashing.advance,
         )  # fmt: skip
     finally:
@@ -253,8 +253,7 @@ class _Indexing:
         """Hash the files a slice at a time on `workers` threads; route each as decided."""
         try:
             with ThreadPoolExecutor(workers, thread_name_prefix="hash") as pool:
-                for start in range(0, len(items), HASH_RUN * workers):
-                    part = items[start : start + HASH_RUN * workers]
+                for part in slices(items, workers):
                     outcomes = await asyncio.to_thread(hashed, part, pool)
                     for item, (sha256, error) in zip(part, outcomes, strict=True):
                         await self._route(item, sha256, self.planner.decide(item, sha256, error))
