@@ -241,3 +241,12 @@ def test_identical_images_are_encoded_once_while_hashing_and_encoding_overlap(
     }
     assert vectors["90001"] == vectors[first[0]] == vectors["90002"]
     assert len(catalog_ids(stack)) == total
+
+
+def test_a_dry_run_reports_the_plan_and_writes_nothing(stack: Stack, tmp_path: Path) -> None:
+    catalog = generate(tmp_path / "catalog", count=12)
+    status, summary, output = index(stack, catalog, "--dry-run")
+    assert status == 0, output
+    assert (summary["dry_run"], summary["found"], summary["encoded"]) == (True, 12, 0), summary
+    assert "plan: 12 to encode, 0 metadata-only, 0 unchanged" in output
+    assert catalog_ids(stack) == []
