@@ -9,9 +9,8 @@ ingest    42,700 products with 512-d vectors supplied, into catalog (SQLite) + i
           one index add per product), measured on a subset and extrapolated, and
           the ceiling: SQLite alone writing the same rows into the same schema with
           the catalog's settings and statements (multi-row INSERTs in 5,000-row
-          transactions, synced as the engine syncs them, no FAISS, no checks),
-          with and without the catalog's 9 filter-column indexes; the engine and
-          the ceilings in VPM_BENCH_ROUNDS (3) interleaved rounds, medians
+          transactions, synced as the engine syncs them, no FAISS, no checks);
+          the engine and the ceiling in VPM_BENCH_ROUNDS (3) interleaved rounds, medians
           reported; and the checkpoint the engine's commits leave for the
           service's upkeep, timed after the upsert
 latency   Search by vector and by product id over those 42,700 products through the
@@ -51,7 +50,6 @@ from search_service.catalog import (
 from search_service.engine import SearchEngine
 from search_service.index import VectorIndex, single_threaded
 from search_service.models import Product
-from search_service.schema import FILTERABLE
 from search_service.settings import SearchSettings
 from tests.support import free_port
 from vpm.v1 import search_pb2, search_pb2_grpc
@@ -143,15 +141,13 @@ def ingest_naive(folder: Path, products: list, vectors: np.ndarray) -> float:
     return len(products) / seconds
 
 
-def ingest_sqlite_alone(
-    folder: Path, products: list, vectors: np.ndarray, filter_indexes: bool
-) -> float:
+def ingest_sqlite_alone(folder: Path, products: list, vectors: np.ndarray) -> float:
     """Rows/s of sqlite3 alone into the migrated catalog schema, as the catalog writes them.
 
     As a bulk upsert at synchronous FULL does: commits at NORMAL, the log fsynced
     on a second thread after each, the clock stopped once the last is synced.
     """
-    name = f"alone-{filter_indexes}.db"
+    name = "alone.db"
     Catalog.open(f"sqlite:///{folder}/{name}").close()  # the migrations make the schema
     connection = sqlite3.connect(folder / name, isolation_level=None)
     connection.execute("PRAGMA journal_mode = WAL")
@@ -159,9 +155,6 @@ def ingest_sqlite_alone(
     connection.execute("PRAGMA cache_size = -65536")
     page_size = connection.execute("PRAGMA page_size").fetchone()[0]
     connection.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_BYTES // page_size}")
-    if not filter_indexes:
-        for column in FILTERABLE:
-            connection.execute(f"DROP INDEX ix_products_{column}")
     rows = [
         (key, *row_values(product, vector), 1 + key // 5000)
         for key, (product, vector) in enumerate(zip(products, vectors, strict=True))
@@ -217,10 +210,7 @@ def ingest_round(folder: Path, products: list, vectors: np.ndarray) -> dict[str,
         "ingest_domain_full": domain("FULL"),
         "ingest_rpc_batches": batches,
         "ingest_domain_normal": domain("NORMAL"),
-        "sqlite_alone": lambda scratch: ingest_sqlite_alone(scratch, products, vectors, True),
-        "sqlite_alone_no_filter_indexes": lambda scratch: ingest_sqlite_alone(
-            scratch, products, vectors, False
-        ),
+        "sqlite_alone": lambda scratch: ingest_sqlite_alone(scratch, products, vectors),
     }
     for name, measure in paths.items():
         scratch = folder / name
@@ -519,10 +509,6 @@ def print_tables(figures: dict[str, Any]) -> None:
         ("service process, one UpsertProducts stream (a message a product)", figures["ingest_rpc"]),
         (f"naive: INSERT + COMMIT per product ({NAIVE_SUBSET:,} measured, extrapolated)", naive),
         ("ceiling: SQLite alone, same rows into the same schema", figures["sqlite_alone"]),
-        (
-            "ceiling: SQLite alone, without the 9 filter-column indexes",
-            figures["sqlite_alone_no_filter_indexes"],
-        ),
     ]
     title = (
         f"Bulk ingest of {count:,} products with {DIM}-d vectors (target >= 50,000/s, domain); "

@@ -33,20 +33,6 @@ catalog_state = sa.Table(
     sa.Column("pruned_version", sa.BigInteger, nullable=False, server_default="0"),
 )
 
-# Columns a search can filter on: indexed for SQL readers such as reports (the
-# service itself filters in memory, and the indexer lists ids through ListProducts).
-FILTERABLE = (
-    "gender",
-    "master_category",
-    "sub_category",
-    "article_type",
-    "base_colour",
-    "season",
-    "year",
-    "usage",
-    "category",
-)
-
 products = sa.Table(
     "products",
     metadata,
@@ -69,8 +55,6 @@ products = sa.Table(
     sa.Column("vector", sa.LargeBinary, nullable=False),
     sa.Column("version", sa.BigInteger, nullable=False, index=True),
 )
-for _name in FILTERABLE:
-    sa.Index(f"ix_products_{_name}", products.c[_name])
 
 deletions = sa.Table(
     "deletions",
