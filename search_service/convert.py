@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterable, AsyncIterator
 
 import numpy as np
@@ -112,15 +113,21 @@ async def upsert_entries(
             for item in message.products:
                 yield upsert_item(item, message.model_id)
             continue
-        products = []
-        for position, item in enumerate(message.products):
-            if item.image or len(item.vector):
-                raise InvalidArgument(
-                    f"products[{position}]: carries a vector or an image in a batch with "
-                    "vectors (its row is its vector)"
-                )
-            products.append(product(item, message.model_id))
+        # In a worker thread, as the checks that follow: the event loop goes on serving searches.
+        products = await asyncio.to_thread(_batch_products, message)
         yield VectorBatch(products, matrix, message.stream_products)
+
+
+def _batch_products(message: search_pb2.ProductBatch) -> list[Product]:
+    products = []
+    for position, item in enumerate(message.products):
+        if item.image or len(item.vector):
+            raise InvalidArgument(
+                f"products[{position}]: carries a vector or an image in a batch with "
+                "vectors (its row is its vector)"
+            )
+        products.append(product(item, message.model_id))
+    return products
 
 
 def product_message(item: Product, vector: np.ndarray | None = None) -> search_pb2.Product:
