@@ -11,13 +11,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -60,6 +69,13 @@ from vpm_common.errors import (
 logger = logging.getLogger(__name__)
 
 QUERY_KINDS = ("image", "text", "product_id", "vector")
+# A search whose recent ones took less than this on their own (an HNSW or a small Flat
+# index) runs on the event loop when the index is free, rather than in a search
+# thread: the hand-off to a thread and back cost more service CPU than such a search
+# (issue 17's query figures in BENCHMARKS.md). Longer ones keep the loop free.
+INLINE_SEARCH_S = 500e-6
+
+T = TypeVar("T")
 
 
 class SearchEngine:
@@ -99,6 +115,8 @@ class SearchEngine:
         self._executor = ThreadPoolExecutor(
             search_threads, thread_name_prefix="search", initializer=single_threaded
         )
+        self._inline = InlineSearches()
+        self._loop_thread = threading.local()  # .single: FAISS set to one thread there
         # Commits an upsert's batches, each queued behind the one under way (see _Commits).
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="commit")
         # Makes an upsert's batches durable beside its next commits (see _commit).
@@ -181,7 +199,9 @@ class SearchEngine:
     # -- queries -------------------------------------------------------------------------
 
     async def search(self, query: SearchQuery) -> SearchResult:
-        """Validate, encode an image or text query when given one, and search in a worker thread."""
+        """Validate, encode an image or text query when given one, and search: on the event
+        loop when recent searches were short and the index is free, else in a search thread
+        (see INLINE_SEARCH_S)."""
         self._require_loaded()
         kinds = [kind for kind in QUERY_KINDS if getattr(query, kind) is not None]
         if len(kinds) != 1:
@@ -194,18 +214,26 @@ class SearchEngine:
             vector = await self._embed(query.text, "text")
         elif query.product_id is not None and not query.product_id:
             raise InvalidArgument("product_id: must not be empty")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executor,
-            lambda: self.search_vector(
-                vector,
-                product_id=query.product_id,
-                top_k=top_k,
-                offset=query.offset,
-                min_score=query.min_score,
-                terms=terms,
-            ),
+        mirror = self.mirror
+        search = functools.partial(
+            _search_held,
+            mirror,
+            vector,
+            product_id=query.product_id,
+            top_k=top_k,
+            offset=query.offset,
+            min_score=query.min_score,
+            terms=terms,
         )
+        if self._inline.wanted():
+            if not getattr(self._loop_thread, "single", False):
+                single_threaded()  # one OpenMP thread, as in the search threads
+                self._loop_thread.single = True
+            with mirror.lock.read_if_free() as free:
+                if free:
+                    return self._inline.run(search)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, _search_in_thread, mirror, search)
 
     def search_vector(
         self,
@@ -220,35 +248,15 @@ class SearchEngine:
         """Best matches (exact for Flat) to `vector`, or to the stored vector of `product_id`."""
         mirror = self.mirror
         with mirror.lock.read():
-            exclude = None
-            if product_id is not None:
-                exclude = mirror.keys.get(product_id)
-                if exclude is None:
-                    raise NotFound(f"product_id: no product {product_id!r} in the catalog")
-                vector = mirror.stored_vector(exclude)
-            else:
-                vector = unit_vector(vector, "vector", mirror.dim)
-            index = mirror.index
-            if index is None:
-                return SearchResult([], "")
-            if not index.is_trained:
-                raise mirror.not_trained()
-            allowed = mirror.filters.matching(list(terms)) if terms else None
-            extra = 0 if exclude is None else 1
-            keys, scores = index.search(vector, offset + top_k + extra, allowed)
-            if exclude is not None:
-                keep = keys != exclude
-                keys, scores = keys[keep], scores[keep]
-            keys, scores = keys[offset : offset + top_k], scores[offset : offset + top_k]
-            if min_score is not None:
-                keep = scores >= min_score
-                keys, scores = keys[keep], scores[keep]
-            records = mirror.records
-            matches = [
-                Match(records[key], score)
-                for key, score in zip(keys.tolist(), scores.tolist(), strict=True)
-            ]
-            return SearchResult(matches, mirror.model_id or "")
+            return _search_held(
+                mirror,
+                vector,
+                product_id=product_id,
+                top_k=top_k,
+                offset=offset,
+                min_score=min_score,
+                terms=terms,
+            )
 
     def get(
         self, product_id: str, include_vector: bool = False
@@ -576,6 +584,84 @@ class SearchEngine:
                     (dataclasses.replace(product, model_id=outcome.model_id), outcome.vector)
                 )
         return encoded
+
+
+def _search_in_thread(mirror: CatalogMirror, search: Callable[[], SearchResult]) -> SearchResult:
+    with mirror.lock.read():
+        return search()
+
+
+def _search_held(
+    mirror: CatalogMirror,
+    vector: np.ndarray | Sequence[float] | None,
+    *,
+    product_id: str | None,
+    top_k: int,
+    offset: int,
+    min_score: float | None,
+    terms: Sequence[Term],
+) -> SearchResult:
+    """SearchEngine.search_vector's work, with a read slot of `mirror.lock` held."""
+    exclude = None
+    if product_id is not None:
+        exclude = mirror.keys.get(product_id)
+        if exclude is None:
+            raise NotFound(f"product_id: no product {product_id!r} in the catalog")
+        vector = mirror.stored_vector(exclude)
+    else:
+        vector = unit_vector(vector, "vector", mirror.dim)
+    index = mirror.index
+    if index is None:
+        return SearchResult([], "")
+    if not index.is_trained:
+        raise mirror.not_trained()
+    allowed = mirror.filters.matching(list(terms)) if terms else None
+    extra = 0 if exclude is None else 1
+    keys, scores = index.search(vector, offset + top_k + extra, allowed)
+    if exclude is not None:
+        keep = keys != exclude
+        keys, scores = keys[keep], scores[keep]
+    keys, scores = keys[offset : offset + top_k], scores[offset : offset + top_k]
+    if min_score is not None:
+        keep = scores >= min_score
+        keys, scores = keys[keep], scores[keep]
+    records = mirror.records
+    matches = [
+        Match(records[key], score)
+        for key, score in zip(keys.tolist(), scores.tolist(), strict=True)
+    ]
+    return SearchResult(matches, mirror.model_id or "")
+
+
+class InlineSearches:
+    """Whether a search runs on the event loop: yes while those run there lately took
+    less than INLINE_SEARCH_S (a mean weighted towards the latest); otherwise one in
+    PROBE_EVERY still does, so that the mean follows the index as it changes. Used
+    from the event loop's thread only; what it times is how long the loop was held.
+    """
+
+    WEIGHT = 0.05  # of the latest search: the mean follows a change within ~20 of them
+    PROBE_EVERY = 100
+
+    def __init__(self) -> None:
+        self.mean = 0.0
+        self._passed = 0
+
+    def wanted(self) -> bool:
+        if self.mean < INLINE_SEARCH_S:
+            return True
+        self._passed += 1
+        if self._passed < self.PROBE_EVERY:
+            return False
+        self._passed = 0
+        return True
+
+    def run(self, search: Callable[[], T]) -> T:
+        started = time.perf_counter()
+        try:
+            return search()
+        finally:
+            self.mean += self.WEIGHT * (time.perf_counter() - started - self.mean)
 
 
 class _Cutter:

@@ -32,6 +32,23 @@ class ReadWriteLock:
                     self._cond.notify_all()
 
     @contextmanager
+    def read_if_free(self) -> Iterator[bool]:
+        """A read slot if one is free now (True), else none at once (False): for a caller
+        that must not wait, such as the event loop."""
+        with self._cond:
+            free = not (self._writing or self._writers_waiting)
+            if free:
+                self._readers += 1
+        try:
+            yield free
+        finally:
+            if free:
+                with self._cond:
+                    self._readers -= 1
+                    if self._readers == 0:
+                        self._cond.notify_all()
+
+    @contextmanager
     def write(self) -> Iterator[None]:
         with self._cond:
             self._writers_waiting += 1

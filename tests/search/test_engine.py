@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from search_service import engine as engine_module
 from search_service import mirror as mirror_module
 from search_service.embedder import QueryEmbedder
 from search_service.engine import SearchEngine
@@ -120,6 +121,68 @@ def test_filtered_search_is_the_brute_force_top_k_among_passing(
         result = engine.search_vector(product_id=products[row].id, top_k=30, terms=terms)
         assert len(result.matches) == 30  # the filter never makes a page come back short
         assert all(passes(m.product) for m in result.matches)
+
+
+def test_searches_run_on_the_event_loop_while_short_else_in_threads_alike(
+    engine_10k: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A short search runs on the event loop; past INLINE_SEARCH_S, or while a write
+    holds the index, in a search thread (the loop meanwhile serves others): the answer
+    is the same brute-force top-k either way."""
+    engine, products, vectors = engine_10k
+    ran_in: list[str] = []
+    search_held = engine_module._search_held
+
+    def recorded(*args, **kwargs):
+        ran_in.append(threading.current_thread().name)
+        return search_held(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "_search_held", recorded)
+    rng = np.random.default_rng(9)
+    queries = rng.standard_normal((20, DIM)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+
+    def expect(result, query) -> None:
+        rows, expected = brute_force(vectors, query, 10, np.ones(len(products), bool))
+        assert [m.product.id for m in result.matches] == [products[r].id for r in rows]
+        assert np.allclose([m.score for m in result.matches], expected, atol=1e-5)
+
+    async def searches() -> list:
+        return [await engine.search(SearchQuery(vector=q, top_k=10)) for q in queries]
+
+    # 10,000 x 64-d Flat: well under INLINE_SEARCH_S, so on the loop's own thread.
+    for result, query in zip(asyncio.run(searches()), queries, strict=True):
+        expect(result, query)
+    assert set(ran_in) == {threading.main_thread().name}
+
+    ran_in.clear()
+    monkeypatch.setattr(engine_module, "INLINE_SEARCH_S", 0.0)  # every search is "long"
+    for result, query in zip(asyncio.run(searches()), queries, strict=True):
+        expect(result, query)
+    assert len(ran_in) == 20 and all(name.startswith("search") for name in ran_in)
+
+    monkeypatch.setattr(engine_module, "INLINE_SEARCH_S", 1.0)
+    ran_in.clear()
+    writing, leave = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with engine.mirror.lock.write():
+            writing.set()
+            leave.wait(5)
+
+    async def during_a_write() -> None:
+        thread = threading.Thread(target=writer)
+        thread.start()
+        assert writing.wait(5)
+        pending = asyncio.ensure_future(engine.search(SearchQuery(vector=queries[0], top_k=10)))
+        await asyncio.sleep(0.1)  # the loop is free meanwhile
+        assert not pending.done()
+        leave.set()
+        expect(await pending, queries[0])
+        thread.join()
+
+    asyncio.run(during_a_write())
+    assert len(ran_in) == 1 and ran_in[0].startswith("search")
 
 
 def test_paging_and_min_score(engine_10k: tuple) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from search_service.collector import collector_paused
+from search_service.engine import INLINE_SEARCH_S, InlineSearches
 from search_service.filters import FilterIndex, parse_filters
 from search_service.models import Product
 from search_service.rwlock import ReadWriteLock
@@ -156,6 +157,44 @@ def test_rwlock_lets_readers_share_and_writers_exclude() -> None:
         thread.join()
     assert max(count for kind, count in events if kind == "r") > 1  # readers overlapped
     assert all(count == 0 for kind, count in events if kind == "w")  # the writer was alone
+
+
+def test_rwlock_gives_a_read_slot_without_waiting_only_when_one_is_free() -> None:
+    lock = ReadWriteLock()
+    writing, leave = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with lock.write():
+            writing.set()
+            leave.wait(5)
+
+    thread = threading.Thread(target=writer)
+    with lock.read_if_free() as free:
+        assert free
+        thread.start()
+        assert not writing.wait(0.2)  # a reader holds the lock: the writer waits
+        with lock.read_if_free() as second:
+            assert not second  # and while a writer waits, no new slot is free
+    assert writing.wait(5)  # the slot given back, the writer goes in
+    started = time.monotonic()
+    with lock.read_if_free() as free:
+        assert not free and time.monotonic() - started < 0.1  # refused at once
+    leave.set()
+    thread.join()
+    with lock.read_if_free() as free:
+        assert free
+
+
+def test_searches_leave_the_event_loop_once_slow_and_come_back_when_probes_are_fast() -> None:
+    choice = InlineSearches()
+    assert choice.wanted()  # nothing measured yet: on the loop
+    choice.run(lambda: time.sleep(0.05))  # one slow search pulls the mean over the line
+    assert choice.mean > INLINE_SEARCH_S
+    picks = [choice.wanted() for _ in range(3 * InlineSearches.PROBE_EVERY)]
+    assert sum(picks) == 3 and picks[InlineSearches.PROBE_EVERY - 1]  # the probes
+    while choice.mean >= INLINE_SEARCH_S:  # fast probes bring it back
+        choice.run(lambda: None)
+    assert all(choice.wanted() for _ in range(10))
 
 
 def test_cache_and_catch_up_settings_come_from_flags_or_variables_and_name_the_key() -> None:
