@@ -32,7 +32,7 @@ import numpy as np
 
 from search_service.catalog import Catalog, Rows, UpsertWrite
 from search_service.checks import checked_items, checked_rows, query_options, row_matrix
-from search_service.collector import collector_paused
+from search_service.collector import full_collections_paused
 from search_service.embedder import QueryEmbedder
 from search_service.facets import count_facets, facet_fields, max_values_of
 from search_service.filters import Term, parse_filters
@@ -351,8 +351,8 @@ class SearchEngine:
         the last one wins and every occurrence is counted; small batches are
         joined), pipelined as `_Commits` says. `expected_new`: how many new ids the
         caller knows will come, for room in the index made in one step (see
-        VectorIndex.reserve). The garbage collector pauses meanwhile (see
-        `collector_paused`).
+        VectorIndex.reserve). Full garbage collections are held off meanwhile (see
+        `full_collections_paused`).
         """
         self._require_loaded()
         summary = UpsertSummary(catalog_version=self.mirror.version)
@@ -365,7 +365,7 @@ class SearchEngine:
             for rows in await asyncio.to_thread(cutter.add, products, vectors):
                 await commits.put(rows)
 
-        with collector_paused(), self._upserting():
+        with full_collections_paused(), self._upserting():
             try:
                 async for entry in entries:
                     if isinstance(entry, UpsertItem):
