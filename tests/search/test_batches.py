@@ -6,7 +6,8 @@ vectors.proto says a client in any language would, not with vpm_common.matrix.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import numpy as np
@@ -237,12 +238,22 @@ def test_a_batch_without_a_matrix_carries_vectors_and_images(
 
 
 def test_room_is_made_for_the_share_of_new_products_the_first_message_shows(
-    open_engine: Callable[..., SearchEngine], catalog_url: str
+    open_engine: Callable[..., SearchEngine], catalog_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from search_service.models import VectorBatch
 
     engine = open_engine(catalog_url)
     products, vectors = random_catalog(100, DIM, seed=5)
     engine.upsert_products(products[:60], vectors[:60])
-    first = VectorBatch(products[40:80], vectors[40:80], stream_products=1000)  # 20 of 40 new
-    assert engine._new_share(first) == 500
+    index, asked = engine.mirror.index, []
+    reserve = index.reserve
+    monkeypatch.setattr(index, "reserve", lambda extra: (asked.append(extra), reserve(extra)))
+
+    async def stream() -> AsyncIterator[VectorBatch]:
+        # Says 1,000 will come; 20 of the first 40 are new: room for 500, made once.
+        yield VectorBatch(products[40:80], vectors[40:80], stream_products=1000)
+        yield VectorBatch(products[80:], vectors[80:])
+
+    summary = asyncio.run(engine.upsert(stream()))
+    assert (summary.inserted, summary.unchanged) == (40, 20)
+    assert asked == [500]
