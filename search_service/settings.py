@@ -110,7 +110,11 @@ class SearchSettings(ServerGuards):
     query_cache_max_bytes: int = setting(
         64 * 1024 * 1024, "estimated bytes the query embedding cache may hold"
     )
-    search_threads: int = setting(8, "worker threads that run searches")
+    search_threads: int = setting(
+        8,
+        "worker threads that run searches; those of an index that answers in under 0.5 ms "
+        "(HNSW, a small Flat) run on the event loop instead",
+    )
     scan_threads: int = setting(
         min(2, os.cpu_count() or 1),
         "threads one exact (Flat) search scans with: the float16 copy is split in as many shards",
