@@ -98,9 +98,14 @@ class CatalogMirror:
             f"catalog has {have}; searches fail until then (or use --index-factory Flat)"
         )
 
+    @property
+    def holds_vectors(self) -> bool:
+        """Whether `stored_vector` reads memory (a Flat index), not the catalog."""
+        return self.index is not None and self.index.exact
+
     def stored_vector(self, key: int) -> np.ndarray:
         """A product's vector: from a Flat index (exact), else from the catalog."""
-        if self.index is not None and self.index.exact:
+        if self.holds_vectors:
             return self.index.vectors(np.array([key], dtype=np.int64))[0]
         return self.catalog.vectors_of([key])[key]
 

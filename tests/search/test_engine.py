@@ -123,21 +123,27 @@ def test_filtered_search_is_the_brute_force_top_k_among_passing(
         assert all(passes(m.product) for m in result.matches)
 
 
+@pytest.fixture
+def ran_in(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The name of the thread each search of the engine ran in, in order."""
+    names: list[str] = []
+    search_held = engine_module._search_held
+
+    def recorded(*args, **kwargs):
+        names.append(threading.current_thread().name)
+        return search_held(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "_search_held", recorded)
+    return names
+
+
 def test_searches_run_on_the_event_loop_while_short_else_in_threads_alike(
-    engine_10k: tuple, monkeypatch: pytest.MonkeyPatch
+    engine_10k: tuple, ran_in: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A short search runs on the event loop; past INLINE_SEARCH_S, or while a write
     holds the index, in a search thread (the loop meanwhile serves others): the answer
     is the same brute-force top-k either way."""
     engine, products, vectors = engine_10k
-    ran_in: list[str] = []
-    search_held = engine_module._search_held
-
-    def recorded(*args, **kwargs):
-        ran_in.append(threading.current_thread().name)
-        return search_held(*args, **kwargs)
-
-    monkeypatch.setattr(engine_module, "_search_held", recorded)
     rng = np.random.default_rng(9)
     queries = rng.standard_normal((20, DIM)).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
@@ -183,6 +189,21 @@ def test_searches_run_on_the_event_loop_while_short_else_in_threads_alike(
 
     asyncio.run(during_a_write())
     assert len(ran_in) == 1 and ran_in[0].startswith("search")
+
+
+def test_a_product_id_query_of_an_approximate_index_reads_the_catalog_off_the_loop(
+    open_engine: OpenEngine, sqlite_url: str, ran_in: list[str]
+) -> None:
+    """HNSW holds no exact vectors: the product's comes from the catalog, a read that
+    must not stall the event loop; a vector query of the same index runs on it."""
+    engine = open_engine(sqlite_url, index_factory="HNSW32")
+    products, vectors = random_catalog(500, DIM, seed=3)
+    engine.upsert_products(products, vectors)
+    by_vector = asyncio.run(engine.search(SearchQuery(vector=vectors[7], top_k=5)))
+    by_id = asyncio.run(engine.search(SearchQuery(product_id=products[7].id, top_k=4)))
+    assert ran_in[0] == threading.main_thread().name and ran_in[1].startswith("search")
+    found = [m.product.id for m in by_vector.matches]
+    assert found[0] == products[7].id and [m.product.id for m in by_id.matches] == found[1:]
 
 
 def test_paging_and_min_score(engine_10k: tuple) -> None:
