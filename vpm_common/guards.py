@@ -19,6 +19,8 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from vpm_common.rpc import handler_kind
+
 logger = logging.getLogger(__name__)
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
@@ -180,7 +182,7 @@ class CallLimit(aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or details.method in self._exempt:
             return handler
-        kind = _kind(handler)
+        kind = handler_kind(handler)
         behavior = getattr(handler, kind)
         wrap = self._streaming if handler.response_streaming else self._unary
         return handler._replace(**{kind: wrap(behavior)})
@@ -233,18 +235,8 @@ def refusing(
             on_refusal(context.peer())
         await context.abort(code, message)
 
-    return handler._replace(request_deserializer=_ignore, **{_kind(handler): refuse})
+    return handler._replace(request_deserializer=_ignore, **{handler_kind(handler): refuse})
 
 
 def _ignore(data: bytes) -> None:
     return None
-
-
-def _kind(handler: grpc.RpcMethodHandler) -> str:
-    streaming = (handler.request_streaming, handler.response_streaming)
-    return {
-        (False, False): "unary_unary",
-        (False, True): "unary_stream",
-        (True, False): "stream_unary",
-        (True, True): "stream_stream",
-    }[streaming]

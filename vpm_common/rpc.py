@@ -95,7 +95,7 @@ class DecodeGuard(aio.ServerInterceptor):
             except Exception as error:  # noqa: BLE001 - DecodeError and friends
                 return _Malformed(str(error).split(": ", 1)[-1] or type(error).__name__)
 
-        kind = _kind(handler)
+        kind = handler_kind(handler)
         behavior = getattr(handler, kind)
         guarded = (_guard_stream_requests if handler.request_streaming else _guard_unary_request)(
             behavior, handler.response_streaming
@@ -103,7 +103,8 @@ class DecodeGuard(aio.ServerInterceptor):
         return handler._replace(request_deserializer=guarded_parse, **{kind: guarded})
 
 
-def _kind(handler: Any) -> str:
+def handler_kind(handler: Any) -> str:
+    """Which of a method handler's four behaviours it has (its field name)."""
     return {
         (False, False): "unary_unary",
         (False, True): "unary_stream",
