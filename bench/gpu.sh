@@ -37,7 +37,7 @@ PYTHONUNBUFFERED=1 timeout -k 15 350 "$python" -m bench.gpu_bench 2>&1 | tee "$o
 #    bench/gpu_wheels.sh` (read why it is opt-in there); without it the step says so in one line.
 #    VPM_GPU_INDEX_ARGS shrinks it (e.g. "--sizes 1000000 --budget-s 120"); VPM_GPU_INDEX=0 skips.
 if [ "${VPM_GPU_INDEX:-1}" != 0 ]; then
-    if "$python" -c "import sys; from search_service.gpu import gpu_missing; sys.exit(gpu_missing() is not None)"; then
+    if "$python" -c "import sys; from search_service.index.gpu import gpu_missing; sys.exit(gpu_missing() is not None)"; then
         timeout -k 5 60 "$python" -m pytest -q -p no:cacheprovider -rs \
             tests/search/test_index_device.py -k gpu 2>&1 | tee "$out/gpu-index-tests.log" \
             || { status=$?; echo "gpu.sh: the index's GPU tests exited $status"; }

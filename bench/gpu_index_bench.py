@@ -123,7 +123,7 @@ def gpu_memory_used_mib() -> float | None:
 
 
 def build_index(vectors: np.ndarray, device: str) -> Any:
-    from search_service.index import VectorIndex, all_cores
+    from search_service.index.vector_index import VectorIndex, all_cores
 
     scan_threads = min(16, os.cpu_count() or 1) if device == "cpu" else 1
     index = VectorIndex(DIM, scan_threads=scan_threads, device=device)
@@ -139,11 +139,11 @@ class InProcessService:
     """A real Search server on a free port over an engine whose mirror holds `index`."""
 
     def __init__(self, index: Any, count: int, tmp: Path) -> None:
-        from search_service.catalog import Catalog
         from search_service.engine import SearchEngine
         from search_service.models import Product
         from search_service.server import SearchApp, create_server
         from search_service.settings import SearchSettings
+        from search_service.storage.catalog import Catalog
         from tests.support import ServerThread
 
         catalog = Catalog.open(f"sqlite:///{tmp / 'catalog.db'}", "NORMAL", 1)
@@ -272,7 +272,7 @@ def measure(
 
 def crossover(vectors: np.ndarray, devices: list[str], sizes: list[int], queries: np.ndarray):
     """p50 of one search straight on the index, per size and device: where the GPU stops paying."""
-    from search_service.index import single_threaded
+    from search_service.index.vector_index import single_threaded
 
     single_threaded()  # as on the service's search threads
     rows = []
@@ -297,7 +297,7 @@ def stand_in_for_gpu() -> None:
     """Smoke runs without a GPU: CPU indexes answer the device layer's calls."""
     import faiss
 
-    from search_service import gpu
+    from search_service.index import gpu
 
     gpu.new_flat_replica = lambda dim: faiss.IndexScalarQuantizer(
         dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         args.queries, args.load_queries, args.checked = 20, 256, 5
     deadline = time.monotonic() + args.budget_s
 
-    from search_service.gpu import gpu_missing
+    from search_service.index.gpu import gpu_missing
 
     missing = gpu_missing()
     figures: dict[str, Any] = {"machine": machine(), "gpu_missing": missing, "runs": []}

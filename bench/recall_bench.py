@@ -22,8 +22,14 @@ import time
 import numpy as np
 
 from bench.common import median, record, table
-from search_service.index import VectorIndex, all_cores, single_threaded
-from search_service.tuning import K, choose_value, exact_neighbours, recall_of, without_self
+from search_service.index.tuning import (
+    K,
+    choose_value,
+    exact_neighbours,
+    recall_of,
+    without_self,
+)
+from search_service.index.vector_index import VectorIndex, all_cores, single_threaded
 
 DIM = 512
 SIZE = int(os.environ.get("VPM_BENCH_RECALL_SIZE", "20000"))

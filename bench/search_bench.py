@@ -40,17 +40,17 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.common import median, percentile, record, table, timed
-from search_service.catalog import (
+from search_service.engine import SearchEngine
+from search_service.index.vector_index import VectorIndex, single_threaded
+from search_service.models import Product
+from search_service.settings import SearchSettings
+from search_service.storage.catalog import (
     ROW_COLUMNS,
     SQLITE_PARAMETERS,
     WAL_AUTOCHECKPOINT_BYTES,
     Catalog,
     row_values,
 )
-from search_service.engine import SearchEngine
-from search_service.index import VectorIndex, single_threaded
-from search_service.models import Product
-from search_service.settings import SearchSettings
 from tests.support import free_port
 from vpm.v1 import search_pb2, search_pb2_grpc
 from vpm_common.matrix import pack

@@ -24,7 +24,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from bench.common import median, percentile, record, table
-from search_service.catalog import scratch_database
+from search_service.storage.catalog import scratch_database
 from tests.support import ServiceProcess, free_port
 from vpm.v1 import search_pb2, search_pb2_grpc
 

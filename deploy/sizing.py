@@ -64,7 +64,7 @@ def products(start: int, count: int, rng: np.random.Generator) -> list[tuple]:
 
 
 def fill(url: str, count: int, batch: int = 5000) -> None:
-    from search_service.catalog import Catalog
+    from search_service.storage.catalog import Catalog
 
     catalog = Catalog.open(url, "NORMAL")
     rng = np.random.default_rng(0)
@@ -98,7 +98,7 @@ def resident_bytes() -> int:
 
 def measure_index(count: int, factory: str) -> dict:
     """In this process: resident memory the vector index alone adds for `count` vectors."""
-    from search_service.index import VectorIndex
+    from search_service.index.vector_index import VectorIndex
 
     rng = np.random.default_rng(0)
     before = resident_bytes()
@@ -115,8 +115,8 @@ def measure_index(count: int, factory: str) -> dict:
 
 def measure_engine(url: str, factory: str) -> dict:
     """In this process: resident memory before and after loading an engine over `url`."""
-    from search_service.catalog import Catalog
     from search_service.engine import SearchEngine
+    from search_service.storage.catalog import Catalog
 
     catalog = Catalog.open(url, "NORMAL")
     with tempfile.TemporaryDirectory() as data_dir:
@@ -179,7 +179,7 @@ def _in_fresh_process(*args: str) -> dict:
 
 
 def _postgres(admin_url: str, count: int) -> float:
-    from search_service.catalog import scratch_database
+    from search_service.storage.catalog import scratch_database
 
     with scratch_database(admin_url, "vpm_sizing") as url:
         fill(url, count)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from search_service.filters import Term, parse_filters
+from search_service.index.filters import Term, parse_filters
 from search_service.models import (
     DEFAULT_TOP_K,
     MAX_ID_LENGTH,

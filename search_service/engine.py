@@ -30,14 +30,15 @@ from typing import TypeVar
 
 import numpy as np
 
-from search_service.catalog import Catalog, Rows, UpsertWrite
 from search_service.checks import checked_items, checked_rows, query_options, row_matrix
 from search_service.collector import full_collections_paused
-from search_service.embedder import QueryEmbedder
-from search_service.facets import count_facets, facet_fields, max_values_of
-from search_service.filters import Term, parse_filters
-from search_service.index import FLAT, single_threaded
-from search_service.mirror import CatalogMirror, CaughtUp, Change
+from search_service.encoders.embedder import QueryEmbedder
+from search_service.encoders.query_cache import CachingEmbedder, Embedder
+from search_service.index.facets import count_facets, facet_fields, max_values_of
+from search_service.index.filters import Term, parse_filters
+from search_service.index.mirror import CatalogMirror, CaughtUp, Change
+from search_service.index.tuning import IndexTuner
+from search_service.index.vector_index import FLAT, single_threaded
 from search_service.models import (
     DEFAULT_TOP_K,
     DeleteSummary,
@@ -55,8 +56,7 @@ from search_service.models import (
     UpsertSummary,
     VectorBatch,
 )
-from search_service.query_cache import CachingEmbedder, Embedder
-from search_service.tuning import IndexTuner
+from search_service.storage.catalog import Catalog, Rows, UpsertWrite
 from search_service.vectors import unit_vector
 from vpm_common.errors import (
     FailedPrecondition,

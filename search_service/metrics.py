@@ -99,7 +99,7 @@ QUERY_CACHE = _QueryCacheMetrics()
 
 
 class _IndexTuningMetrics:
-    """What the recall measurement of an approximate index found (see search_service.tuning)."""
+    """What the recall measurement of an approximate index found (see index.tuning)."""
 
     def __init__(self) -> None:
         self.target = Gauge(

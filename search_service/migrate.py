@@ -18,7 +18,7 @@ from vpm_common.settings import SettingsError, load_settings, setting
 
 logger = logging.getLogger(__name__)
 
-MIGRATIONS = Path(__file__).parent / "migrations"
+MIGRATIONS = Path(__file__).parent / "storage" / "migrations"
 # Any constant: PostgreSQL advisory lock that keeps two starting services from
 # migrating the same catalog at once.
 _PG_LOCK = 0x76706D31
@@ -52,7 +52,7 @@ class MigrateSettings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from search_service.catalog import create_catalog_engine, display_url
+    from search_service.storage.catalog import create_catalog_engine, display_url
 
     try:
         settings = load_settings(

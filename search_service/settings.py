@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from search_service.gpu import DEVICES, factory_problem
+from search_service.index.gpu import DEVICES, factory_problem
 from vpm_common.security import (
     ClientSecurity,
     check_tls_settings,

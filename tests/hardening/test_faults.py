@@ -147,7 +147,7 @@ def test_a_full_disk_never_replaces_a_good_snapshot(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Domain tier: the snapshot write fails with ENOSPC half way; the old snapshot stays whole."""
-    from search_service import index as index_module
+    from search_service.index import vector_index as index_module
 
     path = tmp_path / "index.snapshot"
     good = {"keys": np.arange(1000, dtype=np.int64), "vectors": np.ones((1000, DIM), np.float32)}

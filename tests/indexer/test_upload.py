@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from indexer.upload import SearchClient, Uploader
-from search_service.catalog import Catalog
 from search_service.engine import SearchEngine
+from search_service.storage.catalog import Catalog
 from tests.search.conftest import serve_engine
 from vpm.v1 import search_pb2
 

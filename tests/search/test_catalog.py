@@ -12,10 +12,10 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 
-from search_service import catalog as catalog_module
-from search_service.catalog import Catalog, create_catalog_engine
 from search_service.migrate import alembic_config, upgrade_to_head
 from search_service.models import Product
+from search_service.storage import catalog as catalog_module
+from search_service.storage.catalog import Catalog, create_catalog_engine
 from tests.search.conftest import random_catalog
 from vpm_common.errors import Unavailable
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from search_service import engine as engine_module
-from search_service import mirror as mirror_module
-from search_service.embedder import QueryEmbedder
+from search_service.encoders.embedder import QueryEmbedder
 from search_service.engine import SearchEngine
-from search_service.index import VectorIndex
+from search_service.index import mirror as mirror_module
+from search_service.index.vector_index import VectorIndex
 from search_service.models import Product, SearchQuery, UpsertItem
 from tests.search.conftest import assert_exact_top_k, brute_force, random_catalog
 from vpm_common.encoder_pool import EncoderPool
@@ -94,7 +94,7 @@ def test_search_by_product_id_excludes_itself(engine_10k: tuple) -> None:
 def test_filtered_search_is_the_brute_force_top_k_among_passing(
     engine_10k: tuple, filters: dict
 ) -> None:
-    from search_service.filters import parse_filters
+    from search_service.index.filters import parse_filters
 
     engine, products, vectors = engine_10k
     terms = parse_filters(filters)

@@ -10,10 +10,9 @@ import faiss
 import numpy as np
 import pytest
 
-from search_service import gpu
-from search_service.catalog import Catalog
 from search_service.engine import SearchEngine
-from search_service.index import (
+from search_service.index import gpu
+from search_service.index.vector_index import (
     DIRECT_LIMIT,
     IndexNotReady,
     SnapshotError,
@@ -23,6 +22,7 @@ from search_service.index import (
     single_threaded,
     training_need,
 )
+from search_service.storage.catalog import Catalog
 from tests.search.conftest import assert_exact_top_k, brute_force, random_catalog
 
 

@@ -17,9 +17,9 @@ import faiss
 import numpy as np
 import pytest
 
-from search_service import gpu
-from search_service.exact_topk import FirstPass, exact_top_k, first_fetch
-from search_service.index import VectorIndex
+from search_service.index import gpu
+from search_service.index.exact_topk import FirstPass, exact_top_k, first_fetch
+from search_service.index.vector_index import VectorIndex
 from tests.search.conftest import assert_exact_top_k, brute_force
 
 DIM = 64

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from search_service import gpu
 from search_service.__main__ import PREFIX
+from search_service.index import gpu
 from search_service.settings import SearchSettings
 from vpm_common.settings import SettingsError, load_settings
 
@@ -50,14 +50,14 @@ def test_other_factories_may_not(factory: str) -> None:
 
 @needs_no_gpu
 def test_auto_falls_back_to_the_cpu_and_says_why(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="search_service.gpu"):
+    with caplog.at_level(logging.INFO, logger="search_service.index.gpu"):
         assert gpu.resolve_device("auto", "Flat") == "cpu"
     [line] = [r.getMessage() for r in caplog.records]
     assert line == f"index device auto: the index stays on the CPU: {NO_GPU}"
 
 
 def test_auto_keeps_hnsw_on_the_cpu(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="search_service.gpu"):
+    with caplog.at_level(logging.INFO, logger="search_service.index.gpu"):
         assert gpu.resolve_device("auto", "HNSW32") == "cpu"
     assert "HNSW" in caplog.text
 

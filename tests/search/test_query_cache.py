@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from search_service.embedder import Embedding, QueryEmbedder
+from search_service.encoders.embedder import Embedding, QueryEmbedder
+from search_service.encoders.query_cache import CachingEmbedder, normalize_text
 from search_service.engine import SearchEngine
 from search_service.models import SearchQuery
-from search_service.query_cache import CachingEmbedder, normalize_text
 from tests.search.conftest import random_catalog
 from tests.search.test_real_encoder import jpeg
 from tests.support import ServerThread, free_port

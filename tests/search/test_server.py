@@ -10,8 +10,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
-from search_service.catalog import Catalog
 from search_service.engine import SearchEngine
+from search_service.storage.catalog import Catalog
 from tests.search.conftest import (
     RunningSearch,
     assert_exact_top_k,

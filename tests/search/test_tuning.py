@@ -9,10 +9,8 @@ import numpy as np
 import pytest
 
 from search_service.engine import SearchEngine
-from search_service.index import VectorIndex
-from search_service.models import Product
-from search_service.search_params import EF_SEARCH_LADDER
-from search_service.tuning import (
+from search_service.index.search_params import EF_SEARCH_LADDER
+from search_service.index.tuning import (
     RETUNE_SHARE,
     SELECTIVITIES,
     K,
@@ -20,6 +18,8 @@ from search_service.tuning import (
     exact_neighbours,
     measure_recall,
 )
+from search_service.index.vector_index import VectorIndex
+from search_service.models import Product
 from tests.search.conftest import assert_exact_top_k, brute_force, random_catalog
 
 
@@ -178,7 +178,7 @@ def test_an_unreachable_target_says_so_with_the_best_seen(
     products, vectors = random_catalog(3000, 32, seed=7)
     engine = open_engine(sqlite_url, index_factory="IVF16,PQ4x4", target_recall=0.99)
     engine.upsert_products(products, vectors)
-    with caplog.at_level(logging.WARNING, logger="search_service.tuning"):
+    with caplog.at_level(logging.WARNING, logger="search_service.index.tuning"):
         tuning = engine.tuner.tune()
     assert tuning.parameter == "nprobe" and not tuning.reached
     assert tuning.measured_recall < 0.99

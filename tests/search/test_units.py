@@ -12,9 +12,9 @@ import pytest
 
 from search_service.collector import full_collections_paused
 from search_service.engine import INLINE_SEARCH_S, InlineSearches
-from search_service.filters import FilterIndex, parse_filters
+from search_service.index.filters import FilterIndex, parse_filters
+from search_service.index.rwlock import ReadWriteLock
 from search_service.models import Product
-from search_service.rwlock import ReadWriteLock
 from search_service.settings import SearchSettings
 from search_service.vectors import check_model, unit_vector, unit_vectors
 from vpm_common.errors import FailedPrecondition, InvalidArgument

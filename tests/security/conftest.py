@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from search_service.catalog import Catalog
-from search_service.embedder import QueryEmbedder
+from search_service.encoders.embedder import QueryEmbedder
 from search_service.engine import SearchEngine
 from search_service.server import SearchApp, create_server
 from search_service.settings import SearchSettings
+from search_service.storage.catalog import Catalog
 from tests.conftest import start_encoder
 from tests.security.pki import Authority, Issued
 from tests.support import ServerThread

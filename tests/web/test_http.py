@@ -12,9 +12,9 @@ import grpc
 import numpy as np
 import pytest
 
-from search_service.catalog import Catalog
 from search_service.engine import SearchEngine
 from search_service.models import Product
+from search_service.storage.catalog import Catalog
 from tests import images
 from tests.search.conftest import RunningSearch, brute_force, random_catalog, serve_engine
 from tests.support import ServerThread, free_port

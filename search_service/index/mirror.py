@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from search_service.catalog import Catalog, CatalogState
-from search_service.filters import FilterIndex
-from search_service.index import (
+from search_service.index.filters import FilterIndex
+from search_service.index.rwlock import ReadWriteLock
+from search_service.index.vector_index import (
     IndexNotReady,
     SnapshotError,
     VectorIndex,
@@ -32,7 +32,7 @@ from search_service.index import (
     write_snapshot,
 )
 from search_service.models import Product
-from search_service.rwlock import ReadWriteLock
+from search_service.storage.catalog import Catalog, CatalogState
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class CatalogMirror:
     ) -> None:
         self.catalog = catalog
         self.scan_threads = scan_threads
-        self.device = device  # "cpu" or "cuda", resolved (see search_service.gpu)
+        self.device = device  # "cpu" or "cuda", resolved (see search_service.index.gpu)
         self.snapshot_path = Path(data_dir) / SNAPSHOT_NAME
         self.factory = factory
         self.params = params

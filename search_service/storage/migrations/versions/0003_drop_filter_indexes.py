@@ -4,7 +4,7 @@ Revision ID: 0003
 Revises: 0002
 Create Date: 2026-12-03
 
-The service filters in memory (search_service.filters) and reads products by
+The service filters in memory (search_service.index.filters) and reads products by
 key or by version, never by a filter column; the indexes only cost every write
 (about half of SQLite's time in a bulk upsert: BENCHMARKS.md, issue 15). A report
 that wants one can create it.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
-from search_service.filters import ALIASES, ATTRIBUTE_PREFIX, FILTER_KEYS
+from search_service.index.filters import ALIASES, ATTRIBUTE_PREFIX, FILTER_KEYS
 from search_service.models import (
     DEFAULT_FACET_VALUES,
     FACET_FIELDS,

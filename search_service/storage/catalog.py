@@ -27,7 +27,7 @@ import sqlalchemy as sa
 
 from search_service.migrate import upgrade_to_head
 from search_service.models import METADATA_FIELDS, Product
-from search_service.schema import catalog_state, deletions, products
+from search_service.storage.schema import catalog_state, deletions, products
 from search_service.vectors import STORED, check_model, from_bytes, to_bytes
 from vpm_common.errors import FailedPrecondition, Unavailable
 

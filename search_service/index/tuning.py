@@ -34,9 +34,9 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from search_service.index import FLAT, VectorIndex
+from search_service.index.mirror import CatalogMirror
+from search_service.index.vector_index import FLAT, VectorIndex
 from search_service.metrics import INDEX_TUNING
-from search_service.mirror import CatalogMirror
 from search_service.models import FilterRecall, IndexTuning
 
 logger = logging.getLogger(__name__)

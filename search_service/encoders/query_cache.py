@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future
 
-from search_service.embedder import Embedding, QueryEmbedder
+from search_service.encoders.embedder import Embedding, QueryEmbedder
 from search_service.metrics import QUERY_CACHE
 from search_service.models import EncoderState, QueryCacheStats
 from vpm_common.errors import Unavailable, VpmError

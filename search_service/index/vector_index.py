@@ -11,11 +11,11 @@ float32 top k, not an approximation.
 Any other FAISS factory string (HNSW32, "IVF4096,PQ64", ...) is approximate.
 Such indexes cannot remove vectors in place, so each vector gets a label (its
 position) and a removed vector becomes a tombstone that searches skip. Their
-search parameter (efSearch, nprobe; see search_service.search_params) is set
-on the built index, never a reason to rebuild it, and search_service.tuning
+search parameter (efSearch, nprobe; see search_service.index.search_params) is set
+on the built index, never a reason to rebuild it, and search_service.index.tuning
 chooses it, and how narrow a filter is scored exactly, by measuring recall.
 
-On device "cuda" (see search_service.gpu) this CPU index stays the master and a
+On device "cuda" (see search_service.index.gpu) this CPU index stays the master and a
 replica in GPU memory answers the first pass of each search; the rest (exact
 rescoring, filters, snapshots) is the same code as on the CPU.
 """
@@ -36,9 +36,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from search_service import gpu, search_params
-from search_service.exact_topk import FirstPass, exact_top_k, first_fetch
-from search_service.labels import Labels
+from search_service.index import gpu, search_params
+from search_service.index.exact_topk import FirstPass, exact_top_k, first_fetch
+from search_service.index.labels import Labels
 from vpm_common.errors import FailedPrecondition
 
 logger = logging.getLogger(__name__)

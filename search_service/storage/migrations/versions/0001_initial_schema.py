@@ -4,7 +4,7 @@ Revision ID: 0001
 Revises:
 Create Date: 2025-01-01
 
-The schema is written out here rather than imported from search_service.schema,
+The schema is written out here rather than imported from search_service.storage.schema,
 so this revision keeps meaning the same thing when the schema moves on.
 """
 
