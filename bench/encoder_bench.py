@@ -30,8 +30,8 @@ import grpc
 
 from bench.common import median, percentile, record, table, timed
 from encoder_service.factory import build_engine
+from encoder_service.inference.runtimes import OnnxRuntime, TorchRuntime, build_runtime
 from encoder_service.model import ModelConfig, load_model
-from encoder_service.runtimes import OnnxRuntime, TorchRuntime, build_runtime
 from encoder_service.server import EncoderApp, create_server
 from encoder_service.settings import EncoderSettings
 from tests import images

@@ -85,9 +85,9 @@ class PureWork:
     """Decode + preprocess + model + normalize, called directly in one thread, no engine."""
 
     def __init__(self, engine: Any) -> None:
-        from encoder_service.cpu_transform import cpu_transform
-        from encoder_service.images import ImageLimits, ImagePreprocessor
         from encoder_service.model import ModelConfig, load_model
+        from encoder_service.preprocess.cpu_transform import cpu_transform
+        from encoder_service.preprocess.images import ImageLimits, ImagePreprocessor
 
         settings = _settings()
         loaded = load_model(ModelConfig(MODEL, "none"))

@@ -3,7 +3,7 @@
 The GPU path's worker threads read each upload's header to route it: its size
 (for the limits and the decoder's pixel budget), its EXIF orientation, and
 whether it is a plain 8-bit YCbCr baseline or progressive JPEG that nvJPEG
-takes (`encoder_service.gpu_pipeline.TensorImagePipeline.admit`). Both readers
+takes (`encoder_service.preprocess.gpu_pipeline.TensorImagePipeline.admit`). Both readers
 here give those facts for the same bytes: `read_jpeg_header`, and Pillow's
 `Image.open` (which reads the markers up to the first scan, no pixels) plus
 `getexif()` and checks on what Pillow parsed. Pillow's `Image.open` alone (the
@@ -26,7 +26,7 @@ from typing import Any
 from PIL import Image
 
 from bench.common import median, record, table, verdict
-from encoder_service.jpeg_header import RGB_COMPONENT_IDS, JpegHeader, read_jpeg_header
+from encoder_service.preprocess.jpeg_header import RGB_COMPONENT_IDS, JpegHeader, read_jpeg_header
 from tests import images
 
 ROUNDS = int(os.environ.get("VPM_BENCH_JPEG_ROUNDS", "5"))

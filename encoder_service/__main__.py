@@ -10,9 +10,9 @@ from collections.abc import Callable
 from typing import Any
 
 from encoder_service.factory import build_engine
+from encoder_service.inference.runtimes import ParityError
 from encoder_service.metrics import EncoderMetrics
 from encoder_service.model import WeightsUnavailable
-from encoder_service.runtimes import ParityError
 from encoder_service.server import EncoderApp, create_server
 from encoder_service.settings import ENV_PREFIX, EncoderSettings
 from vpm_common.logs import configure_logging

@@ -5,7 +5,7 @@ Work is admitted up to a fixed number of items in flight (decode + queue +
 inference); beyond that, callers get ResourceExhausted at once instead of
 the server growing without bound. With `device_decode`, worker threads only
 read JPEG headers (and decode what the device cannot) and the batches are
-decoded and preprocessed on the model's device (encoder_service.device_batches).
+decoded and preprocessed on the model's device (encoder_service.inference.device_batches).
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 
 from encoder_service.batcher import BatchQueue, Caller, DynamicBatcher
-from encoder_service.cpu_transform import cpu_transform
-from encoder_service.cuda_graphs import batch_buckets
 from encoder_service.encoded import Encoded, unit_rows
-from encoder_service.images import ImageLimits, ImagePreprocessor
+from encoder_service.inference.cuda_graphs import batch_buckets
+from encoder_service.inference.runtimes import Runtime
 from encoder_service.metrics import EncoderMetrics
 from encoder_service.model import LoadedModel
-from encoder_service.runtimes import Runtime
+from encoder_service.preprocess.cpu_transform import cpu_transform
+from encoder_service.preprocess.images import ImageLimits, ImagePreprocessor
 from vpm_common.errors import Cancelled, InvalidArgument, ResourceExhausted, VpmError
 
 logger = logging.getLogger(__name__)
@@ -119,8 +119,8 @@ class EncoderEngine:
         self._admit_lock = threading.Lock()
 
     def _device_path(self, loaded: LoadedModel) -> Any:
-        from encoder_service.device_batches import DeviceImageBatches
-        from encoder_service.gpu_pipeline import TensorImagePipeline, TensorTransform
+        from encoder_service.inference.device_batches import DeviceImageBatches
+        from encoder_service.preprocess.gpu_pipeline import TensorImagePipeline, TensorTransform
 
         runtime = self.runtime
         if not hasattr(runtime, "encode_images_on_device"):

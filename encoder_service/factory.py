@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 
-from encoder_service.cuda_graphs import batch_buckets
 from encoder_service.engine import EncoderEngine, EngineConfig
-from encoder_service.images import ImageLimits
+from encoder_service.inference.cuda_graphs import batch_buckets
+from encoder_service.inference.runtimes import Runtime, TorchRuntime, build_runtime
 from encoder_service.metrics import EncoderMetrics
 from encoder_service.model import LoadedModel, ModelConfig, load_model
-from encoder_service.runtimes import Runtime, TorchRuntime, build_runtime
+from encoder_service.preprocess.images import ImageLimits
 from encoder_service.settings import EncoderSettings
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def engine_config(
 
 def resolve_decode(decode: str, runtime: Runtime, loaded: LoadedModel) -> bool:
     """Whether images are decoded on the runtime's device; 'auto' does so for PyTorch on CUDA."""
-    from encoder_service.gpu_pipeline import TensorTransform
+    from encoder_service.preprocess.gpu_pipeline import TensorTransform
 
     on_torch = isinstance(runtime, TorchRuntime)
     if decode == "gpu" and not on_torch:

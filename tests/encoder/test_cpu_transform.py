@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from encoder_service.cpu_transform import RgbTensorTransform, cpu_transform
+from encoder_service.preprocess.cpu_transform import RgbTensorTransform, cpu_transform
 from tests import images
 
 PREPROCESS = open_clip.image_transform(224, is_train=False)

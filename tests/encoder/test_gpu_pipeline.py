@@ -18,7 +18,8 @@ from PIL import Image, ImageOps
 
 from encoder_service.batcher import Caller
 from encoder_service.factory import build_engine
-from encoder_service.gpu_pipeline import (
+from encoder_service.model import ModelConfig, load_model
+from encoder_service.preprocess.gpu_pipeline import (
     CpuPixels,
     JpegRecord,
     TensorImagePipeline,
@@ -27,8 +28,7 @@ from encoder_service.gpu_pipeline import (
     torchvision_decode_jpegs,
     upright,
 )
-from encoder_service.images import ImageLimits, ImagePreprocessor, decode_image
-from encoder_service.model import ModelConfig, load_model
+from encoder_service.preprocess.images import ImageLimits, ImagePreprocessor, decode_image
 from tests import images
 from tests.encoder.test_parity import corpus
 from vpm_common.errors import InvalidArgument
@@ -204,7 +204,7 @@ def test_a_jpeg_the_device_refuses_is_found_by_halving_and_taken_by_pillow(tiny)
 
 
 def test_large_batches_are_decoded_in_chunks_within_the_pixel_budget(tiny, monkeypatch) -> None:
-    from encoder_service import gpu_pipeline
+    from encoder_service.preprocess import gpu_pipeline
 
     monkeypatch.setattr(gpu_pipeline, "DECODE_PIXEL_BUDGET", 3 * 640 * 480)
     monkeypatch.setattr(gpu_pipeline, "RESIZE_PIXEL_BUDGET", 2 * 640 * 480)
@@ -388,7 +388,7 @@ def test_nvjpeg_in_fp16_matches_the_pillow_path(tiny) -> None:
 
 @needs_cuda
 def test_cuda_graphs_give_the_eager_vectors() -> None:
-    from encoder_service.runtimes import TorchRuntime
+    from encoder_service.inference.runtimes import TorchRuntime
 
     runtime = TorchRuntime(load_model(ModelConfig("VPM-Tiny", "none")), "cuda", "float16")
     pixels = torch.randn(5, 3, 64, 64, device="cuda", dtype=torch.float16)

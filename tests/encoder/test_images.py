@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from encoder_service.images import ImageLimits, decode_image
+from encoder_service.preprocess.images import ImageLimits, decode_image
 from tests import images
 from vpm_common.errors import InvalidArgument
 

@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 from PIL import Image, ImageOps
 from torchvision import transforms
 
-from encoder_service.gpu_pipeline import CpuPixels, TensorImagePipeline, TensorTransform
-from encoder_service.images import ImageLimits
-from encoder_service.jpeg_header import XMP_PREFIX, read_jpeg_header
 from encoder_service.model import ModelConfig, load_model
+from encoder_service.preprocess.gpu_pipeline import CpuPixels, TensorImagePipeline, TensorTransform
+from encoder_service.preprocess.images import ImageLimits
+from encoder_service.preprocess.jpeg_header import XMP_PREFIX, read_jpeg_header
 from tests import images
 from vpm_common.errors import InvalidArgument
 

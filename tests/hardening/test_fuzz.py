@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from encoder_service.images import ImageLimits, ImagePreprocessor, decode_image
+from encoder_service.preprocess.images import ImageLimits, ImagePreprocessor, decode_image
 from tests import images
 from vpm_common.errors import InvalidArgument
 

@@ -2,7 +2,7 @@
 
 Images are taken as a viewer shows them (EXIF orientation first) and then
 preprocessed by the model's open_clip transform (for RGB images, its tensor
-form in encoder_service.cpu_transform), so vectors agree with open_clip's
+form in encoder_service.preprocess.cpu_transform), so vectors agree with open_clip's
 reference pipeline. Every way an input can be bad ends in InvalidArgument
 with a message a client can act on.
 """

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from encoder_service.gpu_pipeline import TensorTransform, resized_size
+from encoder_service.preprocess.gpu_pipeline import TensorTransform, resized_size
 
 
 class RgbTensorTransform:

@@ -65,7 +65,9 @@ class TorchRuntime(Runtime):
         self.input_dtype = getattr(torch, dtype)  # what encode_images_on_device takes
         self.image_size = loaded.image_size
         self._model = loaded.model.to(device=device, dtype=self.input_dtype).eval()
-        self._graphs: Any = None  # encoder_service.cuda_graphs.GraphedTower, when captured
+        self._graphs: Any = (
+            None  # encoder_service.inference.cuda_graphs.GraphedTower, when captured
+        )
 
     def _run(self, tower: Any, batch: Any) -> np.ndarray:
         torch = self._torch
@@ -100,7 +102,7 @@ class TorchRuntime(Runtime):
 
     def capture_cuda_graphs(self, batch_sizes: list[int]) -> list[int]:
         """Replay the image tower as CUDA graphs at these batch sizes; returns those captured."""
-        from encoder_service.cuda_graphs import GraphedTower
+        from encoder_service.inference.cuda_graphs import GraphedTower
 
         if not self.device.startswith("cuda"):
             raise ValueError("CUDA graphs need --device cuda")
@@ -187,7 +189,7 @@ def build_runtime(
         return TorchRuntime(loaded, device, dtype)
     if device.startswith("cuda"):
         raise ValueError("--runtime onnx runs on the CPU only here; use --runtime torch on CUDA")
-    from encoder_service import onnx_export
+    from encoder_service.inference import onnx_export
 
     cache_dir = cache_dir or Path.home() / ".cache" / "vpm"
     try:

@@ -26,14 +26,14 @@ from typing import Any
 import numpy as np
 
 from encoder_service.encoded import Encoded
-from encoder_service.gpu_pipeline import (
+from encoder_service.inference.runtimes import TorchRuntime
+from encoder_service.metrics import EncoderMetrics
+from encoder_service.preprocess.gpu_pipeline import (
     CpuPixels,
     JpegRecord,
     PreparedBatch,
     TensorImagePipeline,
 )
-from encoder_service.metrics import EncoderMetrics
-from encoder_service.runtimes import TorchRuntime
 
 logger = logging.getLogger(__name__)
 

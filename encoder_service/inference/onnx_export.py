@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from encoder_service.inference.runtimes import PARITY_MIN_COSINE, OnnxRuntime, ParityError
 from encoder_service.model import LoadedModel
-from encoder_service.runtimes import PARITY_MIN_COSINE, OnnxRuntime, ParityError
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from encoder_service.images import ImageLimits, Timings, decode_image
-from encoder_service.jpeg_header import JpegHeader, read_jpeg_header
+from encoder_service.preprocess.images import ImageLimits, Timings, decode_image
+from encoder_service.preprocess.jpeg_header import JpegHeader, read_jpeg_header
 from vpm_common.errors import InvalidArgument, VpmError
 
 logger = logging.getLogger(__name__)
