@@ -39,8 +39,9 @@ class SearchSettings(ServerGuards):
     )
     index_params: str = setting(
         "",
-        "FAISS search parameters for approximate indexes, e.g. efSearch=256 or nprobe=64; "
-        "set on the loaded snapshot (no rebuild); --target-recall chooses efSearch or nprobe",
+        "FAISS parameters for approximate indexes, e.g. efSearch=256 or nprobe=64: set on the "
+        "loaded snapshot (no rebuild); --target-recall chooses efSearch or nprobe. HNSW's "
+        "efConstruction is built into the graph: another value than the snapshot's rebuilds it",
     )
     target_recall: float = setting(
         0.0,

@@ -186,7 +186,8 @@ class CatalogMirror:
             return None
         try:
             # Search-time parameters (efSearch, nprobe) are this process's, set on the
-            # loaded index: another value never costs a rebuild.
+            # loaded index: another value never costs a rebuild; a build-time one
+            # (efConstruction) does, below, or it would apply to new vectors only.
             index, meta = VectorIndex.load(
                 self.snapshot_path, self.scan_threads, self.device, self.params
             )
@@ -200,6 +201,8 @@ class CatalogMirror:
             problem = f"is a {meta.get('factory')} index of dim {meta.get('dim')}"
         elif meta.get("model_id") != state.model_id:
             problem = f"holds vectors of model {meta.get('model_id')!r}"
+        elif (built := index.built_otherwise()) is not None:
+            problem = f"was built with {built}"
         elif meta["version"] > state.version:
             problem = f"is at version {meta['version']}, ahead of the catalog's {state.version}"
         elif meta["version"] < state.pruned_version:

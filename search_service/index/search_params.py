@@ -17,6 +17,29 @@ DEFAULT_PARAMS = {"efSearch": "efSearch=128", "nprobe": "nprobe=32"}
 EF_SEARCH_LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 
 
+# What --index-params may set that is built into the index rather than read per search: an
+# HNSW graph keeps the links each vector got when it was added with its efConstruction.
+BUILD_PARAMS = ("efConstruction",)
+
+
+def build_params_of(index: faiss.Index) -> dict[str, int]:
+    """The build-time parameters `index` was made with (empty: it has none)."""
+    hnsw = faiss.downcast_index(index)
+    if isinstance(hnsw, faiss.IndexHNSW):
+        return {"efConstruction": int(hnsw.hnsw.efConstruction)}
+    return {}
+
+
+def asked_build_params(params: str) -> dict[str, int]:
+    """The build-time parameters `params` names ("name=value,..." as FAISS takes them)."""
+    asked = {}
+    for part in params.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() in BUILD_PARAMS:
+            asked[name.strip()] = int(float(value))
+    return asked
+
+
 def parameter_of(index: faiss.Index) -> str | None:
     """The search parameter that trades recall for speed in `index` (None: it has none)."""
     if isinstance(faiss.downcast_index(index), faiss.IndexHNSW):

@@ -126,6 +126,8 @@ class VectorIndex:
         self.dim = dim
         self.factory = factory
         self.params = params
+        # A loaded snapshot's build-time parameters, as it was built (see built_otherwise).
+        self.built_with: dict[str, int] = {}
         self.device = device
         self._present = np.zeros(0, dtype=bool)  # by key
         # Filtered sets of at most this many keys are scored exactly instead of searched.
@@ -610,6 +612,16 @@ class VectorIndex:
             raise SnapshotError(f"snapshot {path} holds {len(index)} vectors, not {header['size']}")
         return index, header
 
+    def built_otherwise(self) -> str | None:
+        """How the loaded index was built, where --index-params now asks for another
+        build-time value (None: as asked, or nothing asked)."""
+        built = self.built_with
+        asked = search_params.asked_build_params(self.params)
+        differ = [name for name, value in asked.items() if built.get(name, value) != value]
+        if not differ:
+            return None
+        return ", ".join(f"{name}={built[name]} (asked: {asked[name]})" for name in differ)
+
     def _restore(self, main: faiss.Index, label_keys: np.ndarray | None) -> None:
         if self._ann is None:
             # deserialize_index returns the concrete type and owns it: keep that proxy.
@@ -621,6 +633,7 @@ class VectorIndex:
                 self._add_coarse(keys, vectors)
         else:
             self._ann = main
+            self.built_with = search_params.build_params_of(main)
             # Search-time parameters are the service's, not the snapshot's.
             search_params.apply_params(self._ann, self.params)
             self._rows = Labels(np.asarray(label_keys, dtype=np.int64))

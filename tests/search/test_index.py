@@ -298,6 +298,39 @@ def test_a_restart_with_another_ef_search_keeps_the_snapshot(tmp_path: Path) -> 
         again.close()
 
 
+def test_a_restart_with_another_ef_construction_rebuilds_the_graph(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """efConstruction is built into the graph: a snapshot made with another value is
+    rebuilt (else only vectors added later would get it); the same value, or none
+    asked, keeps it."""
+    url, data = f"sqlite:///{tmp_path}/catalog.db", tmp_path / "data"
+
+    def started(params: str) -> SearchEngine:
+        engine = SearchEngine(Catalog.open(url), data, index_factory="HNSW8", index_params=params)
+        engine.load()
+        return engine
+
+    engine = started("efConstruction=20")
+    engine.upsert_products(*random_catalog(500, 16))
+    engine.close()  # writes the snapshot
+    # The last start keeps the snapshot the rebuild wrote: that graph was built with 80.
+    for params, kept in [
+        ("efConstruction=20", True),
+        ("", True),
+        ("efConstruction=80", False),
+        ("efConstruction=80", True),
+    ]:
+        caplog.clear()
+        again = started(params)
+        try:
+            assert (again.mirror.snapshot_loaded is not None) == kept, params
+            if not kept:
+                assert "was built with efConstruction=20 (asked: 80): rebuilding" in caplog.text
+        finally:
+            again.close()
+
+
 @pytest.mark.parametrize("factory", ["HNSW8", "IVF16,Flat", "PQ4x4"])
 def test_approximate_many_is_what_each_search_finds_at_that_value(factory: str) -> None:
     """The batch a measurement runs skips tombstones and leaves the value in force alone."""
