@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vpm_common.cpus import available_cpus
-from vpm_common.server_settings import ServerGuards
+from vpm_common.guard_settings import ServerGuards
 from vpm_common.settings import check, setting
 
 ENV_PREFIX = "VPM_ENCODER_"

@@ -6,14 +6,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vpm_common.cpus import available_cpus
-from vpm_common.security import ClientSecurity, check_tls_settings, check_token_settings
+from vpm_common.guard_settings import ClientGuards
 from vpm_common.settings import check, setting
 
 ENV_PREFIX = "VPM_INDEXER_"
 
 
 @dataclass(frozen=True)
-class IndexerSettings:
+class IndexerSettings(ClientGuards):
     styles: Path | None = setting(None, "fashion layout: the styles.csv file (with --images)")
     images: Path | None = setting(
         None, "fashion layout: the folder of <id>.jpg images (with --styles)"
@@ -37,22 +37,6 @@ class IndexerSettings:
     timeout_s: float = setting(120.0, "deadline of each call to the search service")
     stall_s: float = setting(120.0, "give up when no encoder answers for this long")
     summary_json: Path | None = setting(None, "also write the final summary to this JSON file")
-    tls: bool = setting(
-        False,
-        "reach the encoders and search over TLS (implied by --tls-ca and --tls-cert); "
-        "without --tls-ca the system's roots verify them",
-    )
-    tls_ca: Path | None = setting(None, "PEM CA that signed the services' certificates")
-    tls_cert: Path | None = setting(
-        None, "PEM client certificate shown to services that ask for one (mutual TLS)"
-    )
-    tls_key: Path | None = setting(None, "PEM private key of --tls-cert")
-    auth_token: str = setting(
-        "",
-        "bearer token sent to the encoders and search (list it in both services' tokens); "
-        "set the variable: a flag shows in the process list",
-    )
-    auth_token_file: Path | None = setting(None, "file holding the bearer token to send")
     log_level: str = setting("INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
     def __post_init__(self) -> None:
@@ -76,19 +60,7 @@ class IndexerSettings:
         check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
         check(self.timeout_s > 0, "timeout_s", "must be positive")
         check(self.stall_s > 0, "stall_s", "must be positive")
-        check_tls_settings(self, "tls_cert", "tls_key", "tls_ca", server=False)
-        check_token_settings(self, "auth_token", "auth_token_file", server=False)
-
-    def security(self) -> ClientSecurity:
-        """How the encoders and search are reached (reads the files: call once)."""
-        return ClientSecurity.load(
-            tls=self.tls,
-            ca=self.tls_ca,
-            cert=self.tls_cert,
-            key=self.tls_key,
-            token=self.auth_token,
-            token_file=self.auth_token_file,
-        )
+        self.check_client_guards()
 
     def hash_workers(self) -> int:
         # More threads than cores only wait on each other (and on the interpreter lock).

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from search_service.index.gpu import DEVICES, factory_problem
+from vpm_common.guard_settings import ServerGuards
 from vpm_common.security import (
     ClientSecurity,
     check_tls_settings,
     check_token_settings,
 )
-from vpm_common.server_settings import ServerGuards
 from vpm_common.settings import check, setting
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from vpm_common.security import ClientSecurity, check_tls_settings, check_token_settings
+from vpm_common.guard_settings import ClientGuards
 from vpm_common.settings import check, setting
 
 ENV_PREFIX = "VPM_WEB_"
@@ -13,7 +13,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 @dataclass(frozen=True)
-class WebSettings:
+class WebSettings(ClientGuards):
     host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 or :: to be reached by others)")
     port: int = setting(8080, "HTTP port (0 picks a free one)")
     search: str = setting("127.0.0.1:50052", "the search service, host:port or dns:///name:port")
@@ -31,22 +31,6 @@ class WebSettings:
         40_000_000, "largest query photo accepted, in pixels (decompression bombs)"
     )
     timeout_s: float = setting(30.0, "deadline of each call to the search service, in seconds")
-    tls: bool = setting(
-        False,
-        "reach the search service over TLS (implied by --tls-ca and --tls-cert); "
-        "without --tls-ca the system's roots verify it",
-    )
-    tls_ca: Path | None = setting(None, "PEM CA that signed the search service's certificate")
-    tls_cert: Path | None = setting(
-        None, "PEM client certificate shown to a search service that asks for one (mutual TLS)"
-    )
-    tls_key: Path | None = setting(None, "PEM private key of --tls-cert")
-    auth_token: str = setting(
-        "",
-        "bearer token sent to the search service (it stays on this server, never in a page); "
-        "set the variable: a flag shows in the process list",
-    )
-    auth_token_file: Path | None = setting(None, "file holding the bearer token to send")
     log_level: str = setting("INFO", "log level", choices=LOG_LEVELS)
 
     def __post_init__(self) -> None:
@@ -59,16 +43,4 @@ class WebSettings:
         check(self.max_upload_bytes >= 1024, "max_upload_bytes", "must be at least 1024")
         check(self.max_upload_pixels >= 1, "max_upload_pixels", "must be positive")
         check(self.timeout_s > 0, "timeout_s", "must be positive")
-        check_tls_settings(self, "tls_cert", "tls_key", "tls_ca", server=False)
-        check_token_settings(self, "auth_token", "auth_token_file", server=False)
-
-    def security(self) -> ClientSecurity:
-        """How the search service is reached (reads the files: call once, at start)."""
-        return ClientSecurity.load(
-            tls=self.tls,
-            ca=self.tls_ca,
-            cert=self.tls_cert,
-            key=self.tls_key,
-            token=self.auth_token,
-            token_file=self.auth_token_file,
-        )
+        self.check_client_guards()
