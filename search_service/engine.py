@@ -230,8 +230,8 @@ class SearchEngine:
                 single_threaded()  # one OpenMP thread, as in the search threads
                 self._loop_thread.single = True
             with mirror.lock.read_if_free() as free:
-                # A product's vector in an approximate index is read from the catalog (SQL,
-                # maybe over a network): never on the event loop.
+                # A product's vector that the index does not keep (PQ) is read from the
+                # catalog (SQL, maybe over a network): never on the event loop.
                 if free and (query.product_id is None or mirror.holds_vectors):
                     return self._inline.run(search)
         loop = asyncio.get_running_loop()

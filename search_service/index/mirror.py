@@ -100,11 +100,13 @@ class CatalogMirror:
 
     @property
     def holds_vectors(self) -> bool:
-        """Whether `stored_vector` reads memory (a Flat index), not the catalog."""
-        return self.index is not None and self.index.exact
+        """Whether `stored_vector` reads memory (an index that keeps vectors as they came),
+        not the catalog."""
+        return self.index is not None and self.index.holds_vectors
 
     def stored_vector(self, key: int) -> np.ndarray:
-        """A product's vector: from a Flat index (exact), else from the catalog."""
+        """A product's vector: from the index when it keeps it as it came (Flat, HNSW,
+        IVF-Flat), else from the catalog (a PQ code is not the vector)."""
         if self.holds_vectors:
             return self.index.vectors(np.array([key], dtype=np.int64))[0]
         return self.catalog.vectors_of([key])[key]

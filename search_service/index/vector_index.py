@@ -165,6 +165,16 @@ class VectorIndex:
         return self._ann is None
 
     @property
+    def holds_vectors(self) -> bool:
+        """Whether `vectors` gives back the vectors as they were put (Flat, HNSW over a flat
+        store, IVF-Flat), not a lossy decoding (PQ, scalar quantizers)."""
+        if self._ann is None:
+            return True
+        return isinstance(
+            faiss.downcast_index(self._ann), (faiss.IndexHNSWFlat, faiss.IndexIVFFlat)
+        )
+
+    @property
     def is_trained(self) -> bool:
         return self._ann is None or self._ann.is_trained
 
