@@ -9,10 +9,12 @@ the GIL), so they run alongside each other and alongside catalog writes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import functools
 import logging
+import statistics
 import threading
 import time
 from collections import Counter
@@ -200,8 +202,8 @@ class SearchEngine:
 
     async def search(self, query: SearchQuery) -> SearchResult:
         """Validate, encode an image or text query when given one, and search: on the event
-        loop when recent searches were short and the index is free, else in a search thread
-        (see INLINE_SEARCH_S)."""
+        loop when recent searches were short, the index is free and no filter is given, else
+        in a search thread (see INLINE_SEARCH_S)."""
         self._require_loaded()
         kinds = [kind for kind in QUERY_KINDS if getattr(query, kind) is not None]
         if len(kinds) != 1:
@@ -225,13 +227,14 @@ class SearchEngine:
             min_score=query.min_score,
             terms=terms,
         )
-        if self._inline.wanted():
+        # A filter may make the index scan the passing products exactly (see tuning), and a
+        # product's vector that the index does not keep (PQ) is read from the catalog (SQL,
+        # maybe over a network): neither runs on the event loop.
+        if not terms and self._inline.wanted():
             if not getattr(self._loop_thread, "single", False):
                 single_threaded()  # one OpenMP thread, as in the search threads
                 self._loop_thread.single = True
             with mirror.lock.read_if_free() as free:
-                # A product's vector that the index does not keep (PQ) is read from the
-                # catalog (SQL, maybe over a network): never on the event loop.
                 if free and (query.product_id is None or mirror.holds_vectors):
                     return self._inline.run(search)
         loop = asyncio.get_running_loop()
@@ -636,21 +639,26 @@ def _search_held(
 
 
 class InlineSearches:
-    """Whether a search runs on the event loop: yes while those run there lately took
-    less than INLINE_SEARCH_S (a mean weighted towards the latest); otherwise one in
-    PROBE_EVERY still does, so that the mean follows the index as it changes. Used
-    from the event loop's thread only; what it times is how long the loop was held.
+    """Whether a search runs on the event loop: yes while the median of the last RECENT run
+    there took less than INLINE_SEARCH_S (one slow search among fast ones moves nothing);
+    otherwise one in PROBE_EVERY still does, so that the median follows the index as it
+    changes. Used from the event loop's thread only; it times how long the loop was held.
     """
 
-    WEIGHT = 0.05  # of the latest search: the mean follows a change within ~20 of them
+    RECENT = 15
     PROBE_EVERY = 100
 
     def __init__(self) -> None:
-        self.mean = 0.0
+        # Counted as fast until measured: a first search slowed by cold caches moves nothing.
+        self.recent = collections.deque([0.0] * self.RECENT, maxlen=self.RECENT)
         self._passed = 0
 
+    @property
+    def median(self) -> float:
+        return statistics.median(self.recent)
+
     def wanted(self) -> bool:
-        if self.mean < INLINE_SEARCH_S:
+        if self.median < INLINE_SEARCH_S:
             return True
         self._passed += 1
         if self._passed < self.PROBE_EVERY:
@@ -663,7 +671,7 @@ class InlineSearches:
         try:
             return search()
         finally:
-            self.mean += self.WEIGHT * (time.perf_counter() - started - self.mean)
+            self.recent.append(time.perf_counter() - started)
 
 
 class _Cutter:

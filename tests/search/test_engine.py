@@ -160,6 +160,13 @@ def test_searches_run_on_the_event_loop_while_short_else_in_threads_alike(
     for result, query in zip(asyncio.run(searches()), queries, strict=True):
         expect(result, query)
     assert set(ran_in) == {threading.main_thread().name}
+    # A filtered search may scan the passing products exactly: always in a thread.
+    filtered = SearchQuery(vector=queries[0], top_k=10, filters={"gender": "Men"})
+    men = np.array([p.gender == "Men" for p in products])
+    rows, expected = brute_force(vectors, queries[0], 10, men)
+    result = asyncio.run(engine.search(filtered))
+    assert [m.product.id for m in result.matches] == [products[r].id for r in rows]
+    assert ran_in[-1].startswith("search")
 
     ran_in.clear()
     monkeypatch.setattr(engine_module, "INLINE_SEARCH_S", 0.0)  # every search is "long"

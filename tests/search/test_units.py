@@ -189,13 +189,24 @@ def test_rwlock_gives_a_read_slot_without_waiting_only_when_one_is_free() -> Non
 def test_searches_leave_the_event_loop_once_slow_and_come_back_when_probes_are_fast() -> None:
     choice = InlineSearches()
     assert choice.wanted()  # nothing measured yet: on the loop
-    choice.run(lambda: time.sleep(0.05))  # one slow search pulls the mean over the line
-    assert choice.mean > INLINE_SEARCH_S
-    picks = [choice.wanted() for _ in range(3 * InlineSearches.PROBE_EVERY)]
-    assert sum(picks) == 3 and picks[InlineSearches.PROBE_EVERY - 1]  # the probes
-    while choice.mean >= INLINE_SEARCH_S:  # fast probes bring it back
+
+    def slow() -> None:
+        time.sleep(2 * INLINE_SEARCH_S)
+
+    choice.run(slow)  # one slow search (cold caches, say) moves nothing
+    assert choice.wanted()
+    for _ in range(InlineSearches.RECENT):
         choice.run(lambda: None)
-    assert all(choice.wanted() for _ in range(10))
+    choice.run(slow)  # nor does one among fast ones
+    assert choice.wanted()
+    for _ in range(InlineSearches.RECENT // 2 + 1):  # a run of slow ones does
+        choice.run(slow)
+    picks = [choice.wanted() for _ in range(3 * InlineSearches.PROBE_EVERY)]
+    probes = [n for n, pick in enumerate(picks) if pick]  # one in PROBE_EVERY
+    assert len(probes) == 3 and list(np.diff(probes)) == [InlineSearches.PROBE_EVERY] * 2
+    while not all(choice.wanted() for _ in range(3)):  # fast probes bring it back
+        choice.run(lambda: None)
+    assert choice.median < INLINE_SEARCH_S
 
 
 def test_cache_and_catch_up_settings_come_from_flags_or_variables_and_name_the_key() -> None:
