@@ -71,10 +71,11 @@ from vpm_common.errors import (
 logger = logging.getLogger(__name__)
 
 QUERY_KINDS = ("image", "text", "product_id", "vector")
-# A search whose recent ones took less than this on their own (an HNSW or a small Flat
-# index) runs on the event loop when the index is free, rather than in a search
-# thread: the hand-off to a thread and back cost more service CPU than such a search
-# (issue 17's query figures in BENCHMARKS.md). Longer ones keep the loop free.
+# While the searches run on the event loop take less than this (the median of the last
+# ones: an HNSW or a small Flat index), an unfiltered search runs there when the index is
+# free, rather than in a search thread: the hand-off to a thread and back cost more
+# service CPU than such a search (issue 17's query figures in BENCHMARKS.md). Longer ones
+# keep the loop free (see InlineSearches).
 INLINE_SEARCH_S = 500e-6
 
 T = TypeVar("T")
