@@ -9,15 +9,15 @@ import time
 
 # name -> module with a run() that prints its tables and returns its figures
 BENCHES = {
-    "encoder": "bench.encoder_bench",
-    "search": "bench.search_bench",
-    "query-cache": "bench.query_cache_bench",
-    "shared-catalog": "bench.shared_catalog_bench",
+    "encoder": "bench.encoder.encoder_bench",
+    "search": "bench.search.search_bench",
+    "query-cache": "bench.search.query_cache_bench",
+    "shared-catalog": "bench.search.shared_catalog_bench",
     "indexer": "bench.indexer_bench",
     "web": "bench.web_bench",
-    "recall": "bench.recall_bench",
-    "jpeg-header": "bench.jpeg_header_bench",
-    "query": "bench.query_bench",
+    "recall": "bench.search.recall_bench",
+    "jpeg-header": "bench.encoder.jpeg_header_bench",
+    "query": "bench.search.query_bench",
 }
 
 

@@ -77,7 +77,7 @@ def encoders_alone(
     clients: Any, encoders: list[ServiceProcess], targets: list[str], paths_file: Path
 ) -> dict[str, Any]:
     """The catalog's files through the batched RPC from client processes, nothing else."""
-    from bench import gpu_load
+    from bench.gpu import gpu_load
 
     streams = STREAMS_PER_ENCODER * len(targets)
     share = math.ceil(IMAGES / streams)
@@ -145,7 +145,7 @@ def indexer(
 
 
 def run() -> dict[str, Any]:
-    from bench import gpu_load
+    from bench.gpu import gpu_load
 
     samples: dict[str, list[dict[str, Any]]] = {"encoders alone": [], "indexer": []}
     with tempfile.TemporaryDirectory(prefix="vpm-index-bench-") as tmp:

@@ -12,7 +12,7 @@ falls on all of them alike:
                    PyTorch eager at batch 32, one thread
   latency          one image at a time through the service
 
-Those are the `throughput` part; the `overhead` part (bench/encoder_overhead.py)
+Those are the `throughput` part; the `overhead` part (bench/encoder/encoder_overhead.py)
 measures the service's CPU per image outside decode and model, VPM-Tiny on small
 images, engine alone vs the per-item and the batched RPC. VPM_BENCH_ENCODER_PARTS
 picks the parts (default "overhead,throughput").
@@ -134,7 +134,7 @@ def run() -> dict[str, Any]:
     parts = os.environ.get("VPM_BENCH_ENCODER_PARTS", "overhead,throughput").split(",")
     figures: dict[str, Any] = {}
     if "overhead" in parts:
-        from bench import encoder_overhead
+        from bench.encoder import encoder_overhead
 
         figures["overhead"] = encoder_overhead.run()
     if "throughput" in parts:

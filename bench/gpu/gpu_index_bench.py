@@ -12,7 +12,7 @@ The RPC server's engine gets its mirror filled directly, not through a catalog (
 rows of SQL would take the whole time box); its products share a few metadata
 records, which costs a reply what a real one costs.
 
-    python -m bench.gpu_index_bench [--smoke] [--sizes 1000000,10000000] [--budget-s 240]
+    python -m bench.gpu.gpu_index_bench [--smoke] [--sizes 1000000,10000000] [--budget-s 240]
 
 --smoke: tiny sizes, a few queries; without a GPU FAISS, "cuda" runs on CPU indexes standing
 in for the GPU ones (as in tests/search/test_index_device.py), so the script and the cuda code

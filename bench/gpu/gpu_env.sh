@@ -2,7 +2,7 @@
 # that has Python 3.12 and PyTorch but no internet. Installs the wheels carried in .whl/
 # into /tmp/site, puts them first on PYTHONPATH, and generates vpm/ if it is absent.
 #
-#   source bench/gpu_env.sh && "$python" -m pytest tests/encoder/test_gpu_pipeline.py
+#   source bench/gpu/gpu_env.sh && "$python" -m pytest tests/encoder/test_gpu_pipeline.py
 python="${PYTHON:-python3}"
 # Here (a development checkout) the project's virtual environment, when there is one.
 if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then python=.venv/bin/python; fi
@@ -17,7 +17,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
             "$site" .whl/*.whl
     fi
 else
-    echo "gpu.sh: no wheels in .whl/ (bash bench/gpu_wheels.sh makes them); using what is installed"
+    echo "gpu.sh: no wheels in .whl/ (bash bench/gpu/gpu_wheels.sh makes them); using what is installed"
 fi
 export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import median, record, table, verdict, write_catalog
-from bench.gpu_service import (
+from bench.gpu.gpu_service import (
     Processes,
     build_engine_here,
     device_memory_used_mb,
@@ -201,7 +201,7 @@ def wanted_sections() -> set[str]:
 def _measure(plan: Plan, work: Path, processes: Processes, figures: dict[str, Any]) -> None:
     import multiprocessing
 
-    from bench import gpu_load
+    from bench.gpu import gpu_load
     from tests import images
 
     wanted = wanted_sections()
@@ -452,7 +452,7 @@ def parity(plan: Plan, target: str) -> dict[str, Any]:
 
 def cuda_tests(plan: Plan) -> dict[str, Any]:
     """pytest on every test file that holds CUDA-only tests (they skip without a device)."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     files = sorted(
         str(path.relative_to(root))
         for path in (root / "tests").rglob("test_*.py")

@@ -1,7 +1,7 @@
 """The GPU benchmark's moving parts: encoder and search processes, the engine alone, the indexer.
 
 Encoders and search run as `python -m ...` processes, as a user starts them;
-client processes (bench/gpu_load.py) stream the JPEGs, so the figures are the
+client processes (bench/gpu/gpu_load.py) stream the JPEGs, so the figures are the
 servers' own. The engine alone runs in this process, with the same settings.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from bench.gpu_bench import Plan
+    from bench.gpu.gpu_bench import Plan
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def stream(
     timeout_s: float,
 ) -> dict[str, Any]:
     """`count` images over `streams` EncodeImageBatches streams (spread over `targets`)."""
-    from bench import gpu_load
+    from bench.gpu import gpu_load
 
     share = math.ceil(count / streams)
     jobs = [

@@ -63,7 +63,7 @@ RPC_BATCH = SearchSettings().batch_size
 # Interleaved rounds of the bulk ingest paths: medians, and the per-round ratio to SQLite alone.
 ROUNDS = int(os.environ.get("VPM_BENCH_ROUNDS", "3"))
 RECALL_VECTORS = int(os.environ.get("VPM_BENCH_RECALL_VECTORS", "100000"))
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GENDERS = ("Men", "Women", "Boys", "Girls", "Unisex")
 MASTERS = ("Apparel", "Accessories", "Footwear", "Personal Care", "Free Items")
 COLOURS = ("Black", "White", "Blue", "Brown", "Grey", "Red", "Green", "Pink", "Navy Blue")

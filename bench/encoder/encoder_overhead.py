@@ -142,7 +142,7 @@ def over_rpc(
     clients: Any, process: ServiceProcess, target: str, files_path: Path, count: int, batched: bool
 ) -> dict[str, float]:
     """`count` images over STREAMS client streams; the encoder process's CPU meanwhile."""
-    from bench import gpu_load
+    from bench.gpu import gpu_load
 
     share = math.ceil(count / STREAMS)
     if batched:
@@ -188,7 +188,7 @@ def start_encoder(work: Path) -> tuple[ServiceProcess, str]:
 
 
 def run() -> dict[str, Any]:
-    from bench import gpu_load
+    from bench.gpu import gpu_load
     from encoder_service.factory import build_engine
 
     files = make_files()

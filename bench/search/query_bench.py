@@ -41,8 +41,8 @@ import faiss
 import numpy as np
 
 from bench.common import median, percentile, process_cpu_s, record, table, verdict
-from bench.recall_bench import clustered
-from bench.search_bench import ServiceProcess, catalog, ingest_batches, plain_flat
+from bench.search.recall_bench import clustered
+from bench.search.search_bench import ServiceProcess, catalog, ingest_batches, plain_flat
 from search_service.index.mirror import SNAPSHOT_NAME
 from search_service.index.search_params import EF_SEARCH_LADDER
 from search_service.index.vector_index import single_threaded

@@ -1,0 +1,1 @@
+"""Benchmarks of the encoder: service overhead, runtimes, the JPEG header reader."""
