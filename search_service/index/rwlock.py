@@ -26,10 +26,7 @@ class ReadWriteLock:
         try:
             yield
         finally:
-            with self._cond:
-                self._readers -= 1
-                if self._readers == 0:
-                    self._cond.notify_all()
+            self._leave_reading()
 
     @contextmanager
     def read_if_free(self) -> Iterator[bool]:
@@ -43,10 +40,13 @@ class ReadWriteLock:
             yield free
         finally:
             if free:
-                with self._cond:
-                    self._readers -= 1
-                    if self._readers == 0:
-                        self._cond.notify_all()
+                self._leave_reading()
+
+    def _leave_reading(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if self._readers == 0:
+                self._cond.notify_all()
 
     @contextmanager
     def write(self) -> Iterator[None]:
