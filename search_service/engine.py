@@ -652,11 +652,8 @@ class InlineSearches:
     def __init__(self) -> None:
         # Counted as fast until measured: a first search slowed by cold caches moves nothing.
         self.recent = collections.deque([0.0] * self.RECENT, maxlen=self.RECENT)
+        self.median = 0.0  # of `recent`, found when a search adds to it, not at each ask
         self._passed = 0
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.recent)
 
     def wanted(self) -> bool:
         if self.median < INLINE_SEARCH_S:
@@ -673,6 +670,7 @@ class InlineSearches:
             return search()
         finally:
             self.recent.append(time.perf_counter() - started)
+            self.median = statistics.median(self.recent)
 
 
 class _Cutter:
