@@ -21,6 +21,27 @@ def timed(work: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - started, result
 
 
+def closed_loop(
+    call: Callable[[Any], Any], items: Sequence[Any], concurrency: int, seconds: float, pool: Any
+) -> list[float]:
+    """Seconds of each `call(item)` made by `concurrency` workers on `pool` (an executor)
+    for `seconds`, each waiting for its call before the next: worker n sends items n,
+    n + concurrency, ... (cycling)."""
+    stop_at = time.monotonic() + seconds
+
+    def worker(number: int) -> list[float]:
+        mine = []
+        i = number
+        while time.monotonic() < stop_at:
+            started = time.perf_counter()
+            call(items[i % len(items)])
+            mine.append(time.perf_counter() - started)
+            i += concurrency
+        return mine
+
+    return [s for part in pool.map(worker, range(concurrency)) for s in part]
+
+
 def percentile(samples: Sequence[float], q: float) -> float:
     ordered = sorted(samples)
     if not ordered:

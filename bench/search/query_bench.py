@@ -40,7 +40,15 @@ from typing import Any
 import faiss
 import numpy as np
 
-from bench.common import median, percentile, process_cpu_s, record, table, verdict
+from bench.common import (
+    closed_loop,
+    median,
+    percentile,
+    process_cpu_s,
+    record,
+    table,
+    verdict,
+)
 from bench.search.recall_bench import clustered
 from bench.search.search_bench import ServiceProcess, catalog, ingest_batches, plain_flat
 from search_service.index.mirror import SNAPSHOT_NAME
@@ -152,22 +160,10 @@ def in_process(search: Any, queries: np.ndarray, concurrency: int) -> dict:
     """`search(query)` on `concurrency` threads (one OpenMP thread each) for SECONDS."""
     with ThreadPoolExecutor(concurrency, initializer=single_threaded) as pool:
         list(pool.map(search, queries[:20]))  # warm-up
-
-        def worker(number: int) -> list[float]:
-            mine = []
-            i = number
-            while time.monotonic() < stop_at:
-                started = time.perf_counter()
-                search(queries[i % len(queries)])
-                mine.append(time.perf_counter() - started)
-                i += concurrency
-            return mine
-
         cpu = time.process_time()
-        stop_at = time.monotonic() + SECONDS
-        parts = list(pool.map(worker, range(concurrency)))
+        latencies = closed_loop(search, queries, concurrency, SECONDS, pool)
         cpu = time.process_time() - cpu
-    return _figures([s for part in parts for s in part], SECONDS, cpu)
+    return _figures(latencies, SECONDS, cpu)
 
 
 def flat_ceiling(vectors: np.ndarray, concurrency: int, threads: int) -> Any:

@@ -28,7 +28,6 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,7 +38,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.common import median, percentile, record, table, timed
+from bench.common import closed_loop, median, percentile, record, table, timed
 from search_service.engine import SearchEngine
 from search_service.index.vector_index import VectorIndex, single_threaded
 from search_service.models import Product
@@ -333,24 +332,9 @@ def load_test(
     """p50 / p99 latency (ms) and throughput (requests/s) of `call` at `concurrency`."""
     for request in requests[:20]:
         call(request)  # warm-up
-    latencies: list[float] = []
-    lock = threading.Lock()
-    stop_at = time.monotonic() + seconds
-
-    def worker(offset: int) -> None:
-        mine = []
-        i = offset
-        while time.monotonic() < stop_at:
-            started = time.perf_counter()
-            call(requests[i % len(requests)])
-            mine.append(time.perf_counter() - started)
-            i += concurrency
-        with lock:
-            latencies.extend(mine)
-
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(worker, range(concurrency)))
+        latencies = closed_loop(call, requests, concurrency, seconds, pool)
     elapsed = time.perf_counter() - started
     return {
         "p50_ms": 1000 * median(latencies),
