@@ -39,7 +39,7 @@ PYTHONUNBUFFERED=1 timeout -k 15 350 "$python" -m bench.gpu.gpu_bench 2>&1 | tee
 if [ "${VPM_GPU_INDEX:-1}" != 0 ]; then
     if "$python" -c "import sys; from search_service.index.gpu import gpu_missing; sys.exit(gpu_missing() is not None)"; then
         timeout -k 5 60 "$python" -m pytest -q -p no:cacheprovider -rs \
-            tests/search/test_index_device.py -k gpu 2>&1 | tee "$out/gpu-index-tests.log" \
+            tests/search/index/test_index_device.py -k gpu 2>&1 | tee "$out/gpu-index-tests.log" \
             || { status=$?; echo "gpu.sh: the index's GPU tests exited $status"; }
     fi
     # shellcheck disable=SC2086  # the arguments are meant to split

@@ -15,7 +15,7 @@ records, which costs a reply what a real one costs.
     python -m bench.gpu.gpu_index_bench [--smoke] [--sizes 1000000,10000000] [--budget-s 240]
 
 --smoke: tiny sizes, a few queries; without a GPU FAISS, "cuda" runs on CPU indexes standing
-in for the GPU ones (as in tests/search/test_index_device.py), so the script and the cuda code
+in for the GPU ones (as in tests/search/index/test_index_device.py), so the script and the cuda code
 path through the RPC are proven end to end anywhere; its figures then mean nothing.
 JSON goes to $OUT/gpu_index.json when OUT is set.
 """

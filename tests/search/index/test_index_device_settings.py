@@ -15,7 +15,7 @@ from search_service.index import gpu
 from search_service.settings import SearchSettings
 from vpm_common.settings import SettingsError, load_settings
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 NO_GPU = gpu.gpu_missing()
 needs_no_gpu = pytest.mark.skipif(NO_GPU is None, reason="a GPU FAISS is here: nothing to refuse")
 

@@ -354,7 +354,7 @@ def test_approximate_many_is_what_each_search_finds_at_that_value(factory: str) 
 
 def test_search_value_reaches_the_gpu_replica(monkeypatch: pytest.MonkeyPatch) -> None:
     """On cuda an IVF replica answers the first pass: nprobe is set there too (a CPU clone
-    stands in for the GPU copy here; tests/search/test_index_device.py runs the real one)."""
+    stands in for the GPU copy here; tests/search/index/test_index_device.py runs the real one)."""
     monkeypatch.setattr(gpu, "copy_to_gpu", faiss.clone_index)
     vectors = unit_rows(2000, 16)
     index = VectorIndex(16, "IVF16,Flat", "nprobe=2", device="cuda")

@@ -16,7 +16,7 @@ from search_service.encoders.query_cache import CachingEmbedder, normalize_text
 from search_service.engine import SearchEngine
 from search_service.models import SearchQuery
 from tests.search.conftest import random_catalog
-from tests.search.test_real_encoder import jpeg
+from tests.search.encoders.test_real_encoder import jpeg
 from tests.support import ServerThread, free_port
 from vpm.v1 import search_pb2
 from vpm_common.encoder_pool import EncoderPool
