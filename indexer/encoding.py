@@ -1,4 +1,5 @@
-"""Encoding a catalog's image files: files read a request at a time, several requests in flight.
+"""Encoding a catalog's images (their files' bytes, read once by the indexer): a request at a
+time, several requests in flight.
 
 The encoders are reached through the one encoder client core
 (vpm_common.encoder_pool): it spreads the requests round-robin, sends again on
@@ -14,13 +15,11 @@ than report them done. Images an encoder refuses as bad are final failures.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -43,29 +42,21 @@ class EncodingError(RuntimeError):
 
 @dataclass(eq=False)
 class Job:
+    """An image to encode: its file's bytes, kept until it is encoded or fails for good."""
+
     key: str
-    path: Path
+    data: bytes
 
 
 @dataclass(frozen=True)
 class Outcome:
     job: Job
     vector: np.ndarray | None
-    sha256: str  # of the bytes that were encoded
     error: str = ""
 
 
-@dataclass
-class _Loaded:
-    """A job whose file has been read, kept until its image is encoded or fails for good."""
-
-    job: Job
-    data: bytes
-    sha256: str
-
-
 class FileEncoder:
-    """The encoders of one indexing run, fed image files."""
+    """The encoders of one indexing run, fed the bytes of image files."""
 
     def __init__(
         self,
@@ -117,12 +108,19 @@ class FileEncoder:
 
 
 class Jobs:
-    """Jobs handed over as they are found; `close()` says no more will come."""
+    """Jobs handed over as they are found; `close()` says no more will come.
 
-    def __init__(self, jobs: list[Job] | None = None, closed: bool = False) -> None:
+    `limit` (0: none) is the producer's brake, for it to wait on in `room()`: each
+    job holds its file's bytes until taken, so memory stays flat however far the
+    producer could run ahead of the encoders.
+    """
+
+    def __init__(self, jobs: list[Job] | None = None, closed: bool = False, limit: int = 0) -> None:
         self._jobs: deque[Job] = deque(jobs or ())
         self._closed = closed
+        self.limit = limit
         self._changed = asyncio.Event()
+        self._taken = asyncio.Event()
 
     def put(self, job: Job) -> None:
         self._jobs.append(job)
@@ -132,13 +130,21 @@ class Jobs:
         self._closed = True
         self._changed.set()
 
+    async def room(self) -> None:
+        """Wait until fewer than `limit` jobs wait to be taken."""
+        while self.limit and len(self._jobs) >= self.limit:
+            self._taken.clear()
+            await self._taken.wait()
+
     async def take(self, count: int) -> list[Job]:
         """The next `count` jobs, waiting until there are that many or no more will come;
         [] once all are taken."""
         while len(self._jobs) < count and not self._closed:
             self._changed.clear()
             await self._changed.wait()
-        return [self._jobs.popleft() for _ in range(min(count, len(self._jobs)))]
+        taken = [self._jobs.popleft() for _ in range(min(count, len(self._jobs)))]
+        self._taken.set()
+        return taken
 
 
 class _Run:
@@ -152,8 +158,8 @@ class _Run:
     ) -> None:
         self.encoder = encoder
         self.fresh = jobs
-        # Read, not yet encoded: sent again (by the driver that put it there, if no other).
-        self.again: list[list[_Loaded]] = []
+        # Taken, not yet encoded: sent again (by the driver that put it there, if no other).
+        self.again: list[list[Job]] = []
         self.on_outcome = on_outcome
         self.last_progress = time.monotonic()
         self.pause_s = 0.5
@@ -172,47 +178,38 @@ class _Run:
         """Send one request at a time until no work is left (or the run stalls)."""
         while True:
             if self.again:
-                loaded = self.again.pop()
+                jobs = self.again.pop()
             else:
                 jobs = await self.fresh.take(self.encoder.request_images)
                 if not jobs:
                     return
-                loaded = await self._read(jobs)
-            if loaded:
-                await self._encode(loaded)
+            await self._encode(jobs)
 
-    async def _read(self, jobs: list[Job]) -> list[_Loaded]:
-        """The request's files, read and hashed in a thread; unreadable ones fail here."""
-        loaded, failed = await asyncio.to_thread(_read_all, jobs)
-        for job, reason in failed:
-            await self._settle(Outcome(job, None, "", f"cannot read: {reason}"))
-        return loaded
-
-    async def _encode(self, loaded: list[_Loaded]) -> None:
+    async def _encode(self, jobs: list[Job]) -> None:
         try:
             encoded = await self.encoder.pool.encode_image_batch(
-                [item.data for item in loaded], timeout_s=self.encoder.stall_s
+                [job.data for job in jobs], timeout_s=self.encoder.stall_s
             )
         except FailedPrecondition as error:  # every encoder runs another model
             raise EncodingError(error.message) from None
         except VpmError as error:
-            codes = dict.fromkeys(range(len(loaded)), (error.code, error.message))
+            codes = dict.fromkeys(range(len(jobs)), (error.code, error.message))
             encoded = None
         else:
             codes = encoded.errors
-        retry: list[_Loaded] = []
-        for row, item in enumerate(loaded):
+        retry: list[Job] = []
+        for row, job in enumerate(jobs):
             code, message = codes.get(row, (0, ""))
             if code in RETRY_CODES:
-                retry.append(item)
+                retry.append(job)
             elif code:
-                await self._settle(Outcome(item.job, None, item.sha256, message))
+                await self._settle(Outcome(job, None, message))
             else:
-                await self._settle(Outcome(item.job, encoded.vectors[row], item.sha256))
+                await self._settle(Outcome(job, encoded.vectors[row]))
         if retry:
             await self._wait_before_again(retry, codes)
 
-    async def _wait_before_again(self, retry: list[_Loaded], codes: dict) -> None:
+    async def _wait_before_again(self, retry: list[Job], codes: dict) -> None:
         """Nobody could take these now: pause, then queue them again, unless nothing has
         answered for stall_s."""
         silent_s = time.monotonic() - self.last_progress
@@ -244,15 +241,3 @@ class _Run:
                 continue
             for address in added:
                 logger.info("encoder %s appeared; sending it images too", address)
-
-
-def _read_all(jobs: list[Job]) -> tuple[list[_Loaded], list[tuple[Job, str]]]:
-    loaded, failed = [], []
-    for job in jobs:
-        try:
-            data = job.path.read_bytes()
-        except OSError as error:
-            failed.append((job, error.strerror or str(error)))
-            continue
-        loaded.append(_Loaded(job, data, hashlib.sha256(data).hexdigest()))
-    return loaded, failed

@@ -19,8 +19,9 @@ from indexer.sources import SourceItem
 
 logger = logging.getLogger(__name__)
 
-# Files hashed by one task of the hashing threads.
-HASH_RUN = 256
+# Files read and hashed by one task of the reading threads: a future per small file cost as
+# much as hashing it. A slice (a run for each thread) is held in memory at once.
+HASH_RUN = 32
 
 METADATA_FIELDS = (
     "name", "gender", "master_category", "sub_category", "article_type",
@@ -54,9 +55,13 @@ class Plan:
     duplicates: dict[str, list[str]] = field(default_factory=dict)
 
 
-def file_sha256(path: Path) -> str:
-    with path.open("rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
+@dataclass(frozen=True)
+class Read:
+    """A file's bytes and their sha256, or why it could not be read."""
+
+    data: bytes = b""
+    sha256: str = ""
+    error: str | None = None
 
 
 def normalized(metadata: Iterable[tuple[str, str | int]]) -> tuple[tuple[str, str | int], ...]:
@@ -103,16 +108,15 @@ def to_prune(items: list[SourceItem], stored: dict[str, Stored]) -> list[str]:
     return sorted(set(stored) - on_disk)
 
 
-def hashed(items: list[SourceItem], pool: ThreadPoolExecutor) -> list[tuple[str, str | None]]:
-    """(sha256, error) of each item's file, in order, on the pool's threads."""
+def read_files(items: list[SourceItem], pool: ThreadPoolExecutor) -> list[Read]:
+    """Each item's file read and hashed, in order, on the pool's threads, a run a task."""
     paths = [item.path for item in items]
-    # Runs of files a task, not one: a future per small file cost as much as hashing it.
     runs = [paths[start : start + HASH_RUN] for start in range(0, len(paths), HASH_RUN)]
-    return [outcome for run in pool.map(_hashes_or_errors, runs) for outcome in run]
+    return [read for run in pool.map(_read_run, runs) for read in run]
 
 
 def slices(items: list[SourceItem], workers: int) -> list[list[SourceItem]]:
-    """The items in slices of a run of files for each of `workers` hashing threads."""
+    """The items in slices of a run of files for each of `workers` reading threads."""
     size = HASH_RUN * workers
     return [items[start : start + size] for start in range(0, len(items), size)]
 
@@ -127,21 +131,22 @@ def make_plan(
     """The whole plan at once, prunes aside (a dry run reports it; a run streams it, see
     indexer.run)."""
     planner = Planner(stored, model_id)
-    with ThreadPoolExecutor(workers, thread_name_prefix="hash") as pool:
+    with ThreadPoolExecutor(workers, thread_name_prefix="read") as pool:
         for part in slices(items, workers):
-            for item, (sha256, error) in zip(part, hashed(part, pool), strict=True):
-                planner.decide(item, sha256, error)
+            for item, read in zip(part, read_files(part, pool), strict=True):
+                planner.decide(item, read.sha256, read.error)
             if on_hashed:
                 on_hashed(len(part))
     return planner.finish()
 
 
-def _hashes_or_errors(paths: list[Path]) -> list[tuple[str, str | None]]:
-    return [_hash_or_error(path) for path in paths]
+def _read_run(paths: list[Path]) -> list[Read]:
+    return [_read(path) for path in paths]
 
 
-def _hash_or_error(path: Path) -> tuple[str, str | None]:
+def _read(path: Path) -> Read:
     try:
-        return file_sha256(path), None
+        data = path.read_bytes()
     except OSError as error:
-        return "", f"cannot read: {error.strerror or error}"
+        return Read(error=f"cannot read: {error.strerror or error}")
+    return Read(data, hashlib.sha256(data).hexdigest())

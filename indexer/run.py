@@ -10,7 +10,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from indexer.encoding import EncodingError, FileEncoder, Job, Jobs, Outcome
-from indexer.plan import Hashed, Plan, Planner, Stored, hashed, make_plan, slices, to_prune
+from indexer.plan import (
+    Hashed,
+    Plan,
+    Planner,
+    Read,
+    Stored,
+    make_plan,
+    read_files,
+    slices,
+    to_prune,
+)
 from indexer.progress import Progress
 from indexer.settings import IndexerSettings
 from indexer.sources import Discovery, SourceItem, fashion_catalog, folder_catalog
@@ -192,15 +202,20 @@ async def _apply(
     search: SearchClient,
     summary: Summary,
 ) -> None:
-    """Prune, then hash the files and encode the images that need it at the same time: each
-    image goes to the encoders as soon as its hash says so, not once all are hashed."""
+    """Prune, then read the files and encode the images that need it at the same time: each
+    image goes to the encoders, with the bytes read to hash it, as soon as its hash says so,
+    not once all are hashed."""
     if delete:
         summary.pruned = await search.delete(delete)
         logger.info("pruned %d products no longer on disk", summary.pruned)
     # Every product found settles: unchanged, indexed, or failed with its reason.
     progress = Progress(len(discovery.items), "indexing", mode=settings.progress)
     uploader = Uploader(search, settings.batch_size, on_acknowledged=progress.advance)
-    indexing = _Indexing(encoders.model_info.model_id, stored, uploader, progress, summary)
+    # Images read ahead of the encoders: what a window of every encoder holds in flight.
+    queued = encoders.window * len(encoders.pool.targets)
+    indexing = _Indexing(
+        encoders.model_info.model_id, stored, uploader, progress, summary, Jobs(limit=queued)
+    )
     producer = asyncio.create_task(
         indexing.hash_and_route(discovery.items, settings.hash_workers())
     )
@@ -237,33 +252,38 @@ class _Indexing:
         uploader: Uploader,
         progress: Progress,
         summary: Summary,
+        jobs: Jobs,
     ) -> None:
         self.model_id = model_id
         self.planner = Planner(stored, model_id)
         self.uploader = uploader
         self.progress = progress
         self.summary = summary
-        self.jobs = Jobs()
+        self.jobs = jobs  # keyed by sha256
         self.waiting: dict[str, list[Hashed]] = {}  # sha256 -> products awaiting its vector
         # Vectors of images already encoded, for identical files hashed after them.
-        self.done: dict[str, tuple[Any, str]] = {}
+        self.done: dict[str, Any] = {}
         self.hashing = True
 
     async def hash_and_route(self, items: list[SourceItem], workers: int) -> Plan:
-        """Hash the files a slice at a time on `workers` threads; route each as decided."""
+        """Read and hash the files a slice at a time on `workers` threads, while the encoders
+        have room; route each as decided."""
         try:
-            with ThreadPoolExecutor(workers, thread_name_prefix="hash") as pool:
+            with ThreadPoolExecutor(workers, thread_name_prefix="read") as pool:
                 for part in slices(items, workers):
-                    outcomes = await asyncio.to_thread(hashed, part, pool)
-                    for item, (sha256, error) in zip(part, outcomes, strict=True):
-                        await self._route(item, sha256, self.planner.decide(item, sha256, error))
+                    await self.jobs.room()
+                    reads = await asyncio.to_thread(read_files, part, pool)
+                    for item, read in zip(part, reads, strict=True):
+                        kind = self.planner.decide(item, read.sha256, read.error)
+                        await self._route(item, read, kind)
         finally:
             self.hashing = False
             self.done.clear()  # no identical file can come any more
             self.jobs.close()
         return self.planner.finish()
 
-    async def _route(self, item: SourceItem, sha256: str, kind: str) -> None:
+    async def _route(self, item: SourceItem, read: Read, kind: str) -> None:
+        sha256 = read.sha256
         if kind in ("unchanged", "unreadable"):
             self.progress.advance(1)  # settled (an unreadable file is reported as failed)
         elif kind == "encode":
@@ -271,12 +291,11 @@ class _Indexing:
             if sha256 in self.waiting:
                 self.waiting[sha256].append(hashed_item)
             elif sha256 in self.done:
-                vector, encoded_sha = self.done[sha256]
                 self.summary.reused_duplicates += 1
-                await self.upload(item, encoded_sha, vector)
+                await self.upload(item, sha256, self.done[sha256])
             else:
                 self.waiting[sha256] = [hashed_item]
-                self.jobs.put(Job(sha256, item.path))
+                self.jobs.put(Job(sha256, read.data))
 
     async def encoded(self, outcome: Outcome) -> None:
         group = self.waiting.pop(outcome.job.key)
@@ -287,9 +306,9 @@ class _Indexing:
         self.summary.encoded += 1
         self.summary.reused_duplicates += len(group) - 1
         if self.hashing and len(self.done) < KEPT_VECTORS:
-            self.done[outcome.job.key] = (outcome.vector, outcome.sha256)
+            self.done[outcome.job.key] = outcome.vector
         for hashed_item in group:
-            await self.upload(hashed_item.item, outcome.sha256, outcome.vector)
+            await self.upload(hashed_item.item, hashed_item.sha256, outcome.vector)
 
     async def upload(self, item: SourceItem, sha256: str, vector: Any) -> None:
         await self.uploader.add(_product(item, sha256), vector, self.model_id)

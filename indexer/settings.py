@@ -31,7 +31,7 @@ class IndexerSettings(ClientGuards):
         1000, "products per UpsertProductBatches call (one acknowledged batch)"
     )
     window: int = setting(0, "images in flight per encoder (0: four times the encoder's max batch)")
-    workers: int = setting(0, "threads hashing files (0: one per core, at most 8)")
+    workers: int = setting(0, "threads reading and hashing files (0: one per core, at most 8)")
     dry_run: bool = setting(False, "only report what a run would do")
     progress: str = setting("auto", "progress display", choices=("auto", "bar", "log", "off"))
     timeout_s: float = setting(120.0, "deadline of each call to the search service")

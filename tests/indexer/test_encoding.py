@@ -3,28 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from indexer.encoding import EncodingError, FileEncoder, Job, Outcome
+from indexer.encoding import EncodingError, FileEncoder, Job, Jobs, Outcome
 from tests import images
 from tests.support import free_port
 from vpm_common.encoder_pool import EncoderPool
 from vpm_common.targets import expand, split_targets
 
 
-def write_jobs(folder: Path, count: int) -> list[Job]:
-    folder.mkdir(exist_ok=True)
-    jobs = []
-    for index in range(count):
-        path = folder / f"{index}.jpg"
-        path.write_bytes(images.jpeg(160, 120, seed=index))
-        jobs.append(Job(str(index), path))
-    return jobs
+def make_jobs(count: int) -> list[Job]:
+    return [Job(str(index), images.jpeg(160, 120, seed=index)) for index in range(count)]
 
 
 def encode(
@@ -51,38 +43,32 @@ def encode(
     return outcomes, asyncio.run(main())
 
 
-def test_two_encoders_share_the_work_and_bad_files_fail_alone(make_encoder, tmp_path: Path) -> None:
+def test_two_encoders_share_the_work_and_bad_files_fail_alone(make_encoder) -> None:
     first, _ = make_encoder()
     second, _ = make_encoder()
-    jobs = write_jobs(tmp_path / "images", 60)
-    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
-    jobs.append(Job("bad", tmp_path / "bad.jpg"))
-    jobs.append(Job("missing", tmp_path / "missing.jpg"))
+    jobs = make_jobs(60)
+    jobs.append(Job("bad", b"not a jpeg"))
     outcomes, spread = encode([first.target, second.target], jobs, window=4)
-    assert len(outcomes) == 62
+    assert len(outcomes) == 61
     assert "not a recognized image" in outcomes["bad"].error
-    assert "cannot read" in outcomes["missing"].error
     for index in range(60):
         vector = outcomes[str(index)].vector
         assert vector is not None and vector.shape == (64,)
-        assert (
-            outcomes[str(index)].sha256 == hashlib.sha256(jobs[index].path.read_bytes()).hexdigest()
-        )
     assert min(spread.values()) >= 10, spread  # both took a real share
 
 
-def test_an_unreachable_encoder_is_worked_around(make_encoder, tmp_path: Path) -> None:
+def test_an_unreachable_encoder_is_worked_around(make_encoder) -> None:
     live, _ = make_encoder()
     dead = f"127.0.0.1:{free_port()}"
-    outcomes, spread = encode([dead, live.target], write_jobs(tmp_path / "images", 20))
+    outcomes, spread = encode([dead, live.target], make_jobs(20))
     assert all(outcome.vector is not None for outcome in outcomes.values()) and len(outcomes) == 20
     assert spread == {dead: 0, live.target: 20}
 
 
-def test_an_encoder_that_dies_mid_run_loses_nothing(make_encoder, tmp_path: Path) -> None:
+def test_an_encoder_that_dies_mid_run_loses_nothing(make_encoder) -> None:
     doomed, _ = make_encoder(max_delay_ms=30.0)
     survivor, _ = make_encoder(max_delay_ms=30.0)
-    jobs = write_jobs(tmp_path / "images", 120)
+    jobs = make_jobs(120)
 
     async def kill_after_some(done_count: int) -> None:
         if done_count == 30:
@@ -114,11 +100,11 @@ def test_no_encoder_at_all_is_a_clear_error() -> None:
         encode([f"127.0.0.1:{free_port()}"], [])
 
 
-def test_a_dns_target_streams_to_every_address_it_resolves_to(make_encoder, tmp_path: Path) -> None:
+def test_a_dns_target_streams_to_every_address_it_resolves_to(make_encoder) -> None:
     live, _ = make_encoder()
     port = live.target.rsplit(":", 1)[1]
     assert "127.0.0.1:" + port in expand(f"dns:///localhost:{port}")
-    outcomes, spread = encode([f"dns:///localhost:{port}"], write_jobs(tmp_path / "images", 10))
+    outcomes, spread = encode([f"dns:///localhost:{port}"], make_jobs(10))
     assert len(outcomes) == 10 and spread[f"127.0.0.1:{port}"] == 10
 
 
@@ -132,10 +118,10 @@ def test_target_lists_are_parsed_and_bad_names_are_clear() -> None:
 
 
 def test_when_every_encoder_is_gone_for_stall_s_the_run_stops_with_the_reason(
-    make_encoder, tmp_path: Path
+    make_encoder,
 ) -> None:
     doomed, _ = make_encoder()
-    jobs = write_jobs(tmp_path / "images", 40)
+    jobs = make_jobs(40)
     done: list[int] = []
 
     async def kill_after_some(done_count: int) -> None:
@@ -148,3 +134,31 @@ def test_when_every_encoder_is_gone_for_stall_s_the_run_stops_with_the_reason(
         encode([doomed.target], jobs, on_each=kill_after_some, window=4, stall_s=1.5)
     assert time.monotonic() - started < 20
     assert 4 <= max(done) < 40  # what was answered was reported; the rest was not
+
+
+def test_a_producer_waits_for_room_and_goes_on_as_jobs_are_taken() -> None:
+    async def main() -> list[str]:
+        jobs = Jobs(limit=3)
+        events: list[str] = []
+
+        async def produce() -> None:
+            for job in make_jobs(7):
+                await jobs.room()
+                jobs.put(job)
+                events.append(f"put {job.key}")
+            jobs.close()
+
+        producer = asyncio.create_task(produce())
+        await asyncio.sleep(0.05)
+        events.append("take")  # the producer stopped at the limit, three jobs queued
+        taken = [job.key for job in await jobs.take(2)]
+        await asyncio.sleep(0.05)
+        while more := await jobs.take(2):
+            taken += [job.key for job in more]
+        await producer
+        assert taken == [str(index) for index in range(7)]
+        return events
+
+    events = asyncio.run(main())
+    assert events[:5] == ["put 0", "put 1", "put 2", "take", "put 3"]
+    assert events[5] == "put 4"
