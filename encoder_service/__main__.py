@@ -16,7 +16,7 @@ from encoder_service.model import WeightsUnavailable
 from encoder_service.server import EncoderApp, create_server
 from encoder_service.settings import ENV_PREFIX, EncoderSettings
 from vpm_common.logs import configure_logging
-from vpm_common.serving import stop_gracefully, wait_for_stop_signal
+from vpm_common.server.serving import stop_gracefully, wait_for_stop_signal
 from vpm_common.settings import SettingsError, load_settings
 
 logger = logging.getLogger("encoder_service")

@@ -20,8 +20,8 @@ from encoder_service.settings import EncoderSettings
 from vpm.v1 import encoder_pb2, encoder_pb2_grpc
 from vpm_common.errors import STATUS_CODES, InvalidArgument, Unavailable, VpmError
 from vpm_common.matrix import WIRE_DTYPES, pack
-from vpm_common.rpc import rpc_boundary
-from vpm_common.serving import add_health_and_reflection, listen, new_server, set_serving
+from vpm_common.server.rpc import rpc_boundary
+from vpm_common.server.serving import add_health_and_reflection, listen, new_server, set_serving
 
 logger = logging.getLogger(__name__)
 

@@ -2,14 +2,15 @@
 time, several requests in flight.
 
 The encoders are reached through the one encoder client core
-(vpm_common.encoder_pool): it spreads the requests round-robin, sends again on
-another encoder what one could not take or lost, and leaves an encoder that
-runs another model than the run's. What is decided here: which files travel
-together, how many requests are in flight (`window` images per encoder, so
-every encoder stays busy and memory stays flat however big the catalog), and
-what happens when no encoder answers: the images wait and are sent again
-until `stall_s` passes without any progress, and then the run stops rather
-than report them done. Images an encoder refuses as bad are final failures.
+(vpm_common.encoder_client.encoder_pool): it spreads the requests round-robin,
+sends again on another encoder what one could not take or lost, and leaves an
+encoder that runs another model than the run's. What is decided here: which
+files travel together, how many requests are in flight (`window` images per
+encoder, so every encoder stays busy and memory stays flat however big the
+catalog), and what happens when no encoder answers: the images wait and are
+sent again until `stall_s` passes without any progress, and then the run stops
+rather than report them done. Images an encoder refuses as bad are final
+failures.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vpm.v1 import encoder_pb2
-from vpm_common.encoder_pool import EncoderPool
+from vpm_common.encoder_client.encoder_pool import EncoderPool
 from vpm_common.errors import STATUS_CODES, FailedPrecondition, VpmError
 
 logger = logging.getLogger(__name__)

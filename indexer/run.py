@@ -26,7 +26,7 @@ from indexer.settings import IndexerSettings
 from indexer.sources import Discovery, SourceItem, fashion_catalog, folder_catalog
 from indexer.upload import SearchClient, Uploader
 from vpm.v1 import search_pb2
-from vpm_common.encoder_pool import EncoderPool
+from vpm_common.encoder_client.encoder_pool import EncoderPool
 
 logger = logging.getLogger(__name__)
 

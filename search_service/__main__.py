@@ -21,10 +21,10 @@ from search_service.upkeep import (
     prune_every,
     tune_when_due,
 )
-from vpm_common.encoder_pool import EncoderPool
+from vpm_common.encoder_client.encoder_pool import EncoderPool
 from vpm_common.errors import Unavailable
 from vpm_common.logs import configure_logging
-from vpm_common.serving import stop_gracefully, wait_for_stop_signal
+from vpm_common.server.serving import stop_gracefully, wait_for_stop_signal
 from vpm_common.settings import SettingsError, describe, load_settings
 
 logger = logging.getLogger(__name__)

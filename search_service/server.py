@@ -14,9 +14,9 @@ from search_service.metrics import PRODUCTS, QUERY_CACHE, UPSERTED, observed
 from search_service.models import UpsertSummary
 from search_service.settings import SearchSettings
 from vpm.v1 import search_pb2, search_pb2_grpc
-from vpm_common.deadlines import caller_deadline
-from vpm_common.rpc import rpc_boundary
-from vpm_common.serving import add_health_and_reflection, listen, new_server, set_serving
+from vpm_common.server.deadlines import caller_deadline
+from vpm_common.server.rpc import rpc_boundary
+from vpm_common.server.serving import add_health_and_reflection, listen, new_server, set_serving
 
 SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["Search"].full_name
 

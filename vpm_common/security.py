@@ -1,7 +1,7 @@
 """TLS, mutual TLS and bearer tokens for our gRPC servers and clients, from their settings.
 
 Servers: `ServerSecurity` gives their credentials (TLS, client certificates
-when a CA is given) and the guards.TokenAuth interceptor for their tokens.
+when a CA is given) and the server.guards.TokenAuth interceptor for their tokens.
 Clients: `ClientSecurity` opens sync and aio channels with or without TLS and
 with the token. Over TLS the token travels as call credentials, which gRPC
 never sends on an unencrypted connection; without TLS a client interceptor
@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from vpm_common.guards import TokenAuth, TokenSet, read_token_file, token_problem
+from vpm_common.server.guards import TokenAuth, TokenSet, read_token_file, token_problem
 from vpm_common.settings import check
 
 logger = logging.getLogger(__name__)

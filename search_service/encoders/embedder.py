@@ -13,8 +13,7 @@ import numpy as np
 
 from search_service.models import EncoderState
 from search_service.vectors import unit_vector
-from vpm_common.deadlines import capped
-from vpm_common.encoder_pool import EncoderPool
+from vpm_common.encoder_client.encoder_pool import EncoderPool
 from vpm_common.errors import (
     STATUS_CODES,
     DeadlineExceeded,
@@ -23,6 +22,7 @@ from vpm_common.errors import (
     Unavailable,
     VpmError,
 )
+from vpm_common.server.deadlines import capped
 
 # Per-item encoder errors kept as they are; any other (INTERNAL...) is UNAVAILABLE here.
 _ERRORS = {

@@ -12,7 +12,7 @@ from grpc_health.v1 import health
 
 from tests.support import ROOT, ServerThread, free_port
 from vpm_common.health_probe import check_health, main
-from vpm_common.serving import add_health_and_reflection, set_serving, stop_gracefully
+from vpm_common.server.serving import add_health_and_reflection, set_serving, stop_gracefully
 
 SERVICE = "vpm.v1.Test"
 

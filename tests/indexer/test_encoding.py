@@ -11,8 +11,8 @@ import pytest
 from indexer.encoding import EncodingError, FileEncoder, Job, Jobs, Outcome
 from tests import images
 from tests.support import free_port
-from vpm_common.encoder_pool import EncoderPool
-from vpm_common.targets import expand, split_targets
+from vpm_common.encoder_client.encoder_pool import EncoderPool
+from vpm_common.encoder_client.targets import expand, split_targets
 
 
 def make_jobs(count: int) -> list[Job]:

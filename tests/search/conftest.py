@@ -22,7 +22,7 @@ from search_service.storage.catalog import Catalog, scratch_database
 from tests.search.fake_encoder import FakeEncoder, start_fake_encoder
 from tests.support import ServerThread
 from vpm.v1 import search_pb2_grpc
-from vpm_common.encoder_pool import EncoderPool
+from vpm_common.encoder_client.encoder_pool import EncoderPool
 
 POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432"
 GENDERS = ("Men", "Women", "Unisex")

@@ -20,7 +20,7 @@ from grpc import aio
 from tests.support import ServerThread
 from vpm.v1 import encoder_pb2, encoder_pb2_grpc, vectors_pb2
 from vpm_common.errors import STATUS_CODES
-from vpm_common.serving import add_health_and_reflection, set_serving
+from vpm_common.server.serving import add_health_and_reflection, set_serving
 
 NOT_AN_IMAGE = b"not an image"
 SERVICE_NAME = "vpm.v1.Encoder"

@@ -19,7 +19,7 @@ from search_service.index import mirror as mirror_module
 from search_service.index.vector_index import VectorIndex
 from search_service.models import Product, SearchQuery, UpsertItem
 from tests.search.conftest import assert_exact_top_k, brute_force, random_catalog
-from vpm_common.encoder_pool import EncoderPool
+from vpm_common.encoder_client.encoder_pool import EncoderPool
 from vpm_common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 OpenEngine = Callable[..., SearchEngine]

@@ -17,7 +17,7 @@ from search_service.storage.catalog import Catalog
 from tests.conftest import start_encoder
 from tests.security.pki import Authority, Issued
 from tests.support import ServerThread
-from vpm_common.encoder_pool import EncoderPool
+from vpm_common.encoder_client.encoder_pool import EncoderPool
 from vpm_common.security import PLAINTEXT, ClientSecurity
 
 

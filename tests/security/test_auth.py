@@ -14,9 +14,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tests import images
 from tests.security.conftest import Locked, Pki, new_token
 from vpm.v1 import encoder_pb2, encoder_pb2_grpc
-from vpm_common.encoder_pool import EncoderPool
-from vpm_common.guards import TokenSet
+from vpm_common.encoder_client.encoder_pool import EncoderPool
 from vpm_common.security import ClientSecurity
+from vpm_common.server.guards import TokenSet
 
 INFO = encoder_pb2.GetModelInfoRequest()
 

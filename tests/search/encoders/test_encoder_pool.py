@@ -1,4 +1,5 @@
-"""The encoder client (vpm_common.encoder_pool) against FakeEncoder servers: spread, retries."""
+"""The encoder client (vpm_common.encoder_client.encoder_pool) against FakeEncoder servers:
+spread, retries."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from tests.search.fake_encoder import fake_vector
 from tests.support import free_port
-from vpm_common.encoder_pool import EncoderPool
+from vpm_common.encoder_client.encoder_pool import EncoderPool
 from vpm_common.errors import DeadlineExceeded, Unavailable
 
 

@@ -19,7 +19,7 @@ from tests.search.conftest import random_catalog
 from tests.search.encoders.test_real_encoder import jpeg
 from tests.support import ServerThread, free_port
 from vpm.v1 import search_pb2
-from vpm_common.encoder_pool import EncoderPool
+from vpm_common.encoder_client.encoder_pool import EncoderPool
 from vpm_common.errors import InvalidArgument, Unavailable
 
 TINY_DIM = 64

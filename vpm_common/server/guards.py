@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from vpm_common.rpc import handler_kind
+from vpm_common.server.rpc import handler_kind
 
 logger = logging.getLogger(__name__)
 

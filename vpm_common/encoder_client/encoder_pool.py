@@ -31,6 +31,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vpm.v1 import encoder_pb2, encoder_pb2_grpc, vectors_pb2
+from vpm_common.encoder_client.targets import DNS_PREFIX, expand, split_targets
 from vpm_common.errors import (
     STATUS_CODES,
     DeadlineExceeded,
@@ -42,7 +43,6 @@ from vpm_common.errors import (
 )
 from vpm_common.matrix import unpack
 from vpm_common.security import PLAINTEXT, ClientSecurity
-from vpm_common.targets import DNS_PREFIX, expand, split_targets
 
 logger = logging.getLogger(__name__)
 

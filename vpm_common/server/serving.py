@@ -12,8 +12,8 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from vpm_common.guards import CallLimit
-from vpm_common.rpc import DecodeGuard
+from vpm_common.server.guards import CallLimit
+from vpm_common.server.rpc import DecodeGuard
 
 logger = logging.getLogger(__name__)
 

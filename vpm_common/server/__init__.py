@@ -1,0 +1,1 @@
+"""The gRPC server plumbing both services share: bootstrap, error boundary, guards, deadlines."""
