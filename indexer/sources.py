@@ -66,24 +66,26 @@ class Discovery:
         self.problems.append((where, what))
 
 
-def image_files(folder: Path) -> Iterator[Path]:
-    """Image files directly in `folder`, each once, by case-insensitive extension."""
+def image_names(folder: Path) -> Iterator[str]:
+    """Names of the image files directly in `folder`, each once, by case-insensitive extension."""
     with os.scandir(folder) as entries:
         for entry in entries:
             if entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
-                yield Path(entry.path)
+                yield entry.name
 
 
-def _preference(path: Path) -> int:
-    return IMAGE_EXTENSIONS.index(path.suffix.lower())
+def _preference(name: str) -> int:
+    return IMAGE_EXTENSIONS.index(name[name.rfind(".") :].lower())
 
 
 def fashion_catalog(styles: Path, images: Path) -> Discovery:
     """Products from styles.csv whose image images/<id>.<ext> exists."""
     found = Discovery()
-    by_stem: dict[str, list[Path]] = {}
-    for path in image_files(images):
-        by_stem.setdefault(path.stem, []).append(path)
+    # File names by stem as strings, a Path made only for the file chosen: two Paths a file
+    # (made, then made relative) were the costliest part of finding a large catalog's images.
+    by_stem: dict[str, list[str]] = {}
+    for name in image_names(images):
+        by_stem.setdefault(name.rpartition(".")[0], []).append(name)
     seen: set[str] = set()
     for line, row in _styles_rows(styles, found):
         product_id = row["id"]
@@ -91,17 +93,19 @@ def fashion_catalog(styles: Path, images: Path) -> Discovery:
             found.problem(f"{styles.name}:{line}", f"duplicate id {product_id!r}; first row kept")
             continue
         seen.add(product_id)
-        candidates = sorted(by_stem.get(product_id, []), key=_preference)
-        if not candidates:
+        names = by_stem.get(product_id)
+        if not names:
             found.problem(f"{styles.name}:{line}", f"no image {product_id}.jpg in {images}")
             continue
-        if len(candidates) > 1:
-            names = ", ".join(p.name for p in candidates)
+        if len(names) > 1:
+            names = sorted(names, key=_preference)
             found.problem(
-                str(candidates[0]), f"several images for id {product_id} ({names}); using the first"
+                str(images / names[0]),
+                f"several images for id {product_id} ({', '.join(names)}); using the first",
             )
-        image_path = candidates[0].relative_to(images).as_posix()
-        found.items.append(SourceItem(product_id, candidates[0], _metadata_of_row(row), image_path))
+        found.items.append(
+            SourceItem(product_id, images / names[0], _metadata_of_row(row), names[0])
+        )
     orphans = sorted(set(by_stem) - seen)
     if orphans:
         sample = ", ".join(orphans[:5]) + (" ..." if len(orphans) > 5 else "")
