@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(response))
     print(
         f"""
-Search page: http://127.0.0.1:{WEB_PORT}  (open it in a browser)
+Search page: http://127.0.0.1:{WEB_PORT}  (open it in a browser; products like {EXAMPLE_ID}
+  there: http://127.0.0.1:{WEB_PORT}/?id={EXAMPLE_ID})
 
 Both services are running: encoder on 127.0.0.1:{ENCODER_PORT}, search on 127.0.0.1:{SEARCH_PORT}.
 Query them:

@@ -224,6 +224,54 @@ def test_a_text_file_gets_a_message(stack: Stack, browser: object, tmp_path: Pat
     shot(browser, "05-not-an-image")
 
 
+def test_the_address_holds_a_search_to_share_and_to_go_back_to(
+    stack: Stack, browser: object, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    gender = next(iter(stack.styles.values()))["gender"]
+    shared = f"{stack.url}/?text=black+dress&filter.gender={gender}&top_k=12"
+    browser.get(shared)  # as a link someone sent: the search runs on opening
+    assert "black dress" in searched(browser, "")
+    first = results(browser)
+    assert 0 < len(first) <= 12 and all(stack.styles[i]["gender"] == gender for i in first)
+    assert browser.find_element(By.ID, "text").get_attribute("value") == "black dress"
+    assert browser.find_element(By.ID, "filter-gender").get_attribute("value") == gender
+    assert browser.find_element(By.ID, "top-k").get_attribute("value") == "12"
+    shot(browser, "06-opened-from-an-address")
+
+    chosen = first[0]
+    before = summary(browser)
+    browser.find_element(By.CSS_SELECTOR, f'#results .more[data-id="{chosen}"]').click()
+    assert f"product {chosen}" in searched(browser, before)
+    address = browser.execute_script("return location.search")
+    assert f"id={chosen}" in address and f"filter.gender={gender}" in address, address
+    assert "text=" not in address
+    neighbours = results(browser)
+    assert chosen not in neighbours and all(stack.styles[i]["gender"] == gender for i in neighbours)
+
+    before = summary(browser)
+    browser.back()  # the text search again, as it was
+    assert "black dress" in searched(browser, before)
+    assert results(browser) == first
+    assert browser.find_element(By.ID, "text").get_attribute("value") == "black dress"
+
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes((stack.catalog / "images" / chosen).with_suffix(".jpg").read_bytes())
+    before = summary(browser)
+    browser.find_element(By.ID, "photo").send_keys(str(photo))
+    assert "your photo" in searched(browser, before)
+    assert results(browser)[0] == chosen
+    assert browser.execute_script("return location.search") == ""  # a photo has no address
+    before = summary(browser)
+    browser.back()
+    assert "black dress" in searched(browser, before)
+    before = summary(browser)
+    browser.forward()  # the photo's entry: the same photo searched again
+    assert "your photo" in searched(browser, before)
+    assert results(browser)[0] == chosen
+
+
 def test_the_search_service_down_gets_a_message_and_the_page_still_loads(
     stack: Stack, browser: object
 ) -> None:
@@ -237,4 +285,4 @@ def test_the_search_service_down_gets_a_message_and_the_page_still_loads(
     box.send_keys("red t-shirt\n")
     wait_for(browser, lambda d: d.find_element(By.ID, "message").text == SEARCH_DOWN)
     assert results(browser) == []
-    shot(browser, "06-search-down")
+    shot(browser, "07-search-down")

@@ -8,6 +8,7 @@ const LABELS = {
   usage: "Usage", category: "Folder",
 };
 const $ = (id) => document.getElementById(id);
+const DEFAULT_TOP_K = "24";
 const state = { kind: null, image: null, text: "", id: "", offset: 0 };
 
 function showMessage(text) {
@@ -88,7 +89,7 @@ function params() {
   return found;
 }
 
-async function runSearch() {
+async function runSearch(fromAddress = false) {
   if (!state.kind) return;
   const query = params();
   let options;
@@ -99,6 +100,7 @@ async function runSearch() {
   } else {
     query.set(state.kind, state[state.kind]);
   }
+  if (!fromAddress) remember(query);
   $("summary").textContent = "Searching…";
   const started = performance.now();
   try {
@@ -116,6 +118,57 @@ async function runSearch() {
 function rerun() {
   state.offset = 0;
   runSearch();
+}
+
+// The address holds a text or product-id search with its options, in /api/search's own
+// parameters (defaults left out), so that a search can be bookmarked, shared and gone back
+// to. A photo stays in the page: its entry in the history keeps the options but no query in
+// the address, and the next photo takes the same entry (the last one is kept to search again).
+function remember(query) {
+  const shown = new URLSearchParams(query);
+  if (shown.get("top_k") === DEFAULT_TOP_K) shown.delete("top_k");
+  if (shown.get("offset") === "0") shown.delete("offset");
+  const photo = state.kind === "image";
+  const address = photo ? location.pathname : `${location.pathname}?${shown}`;
+  const entry = photo ? { photo, options: shown.toString() } : { photo };
+  const same = photo ? onPhotoEntry() : address === location.pathname + location.search;
+  (same ? history.replaceState : history.pushState).call(history, entry, "", address);
+}
+
+function onPhotoEntry() {
+  return Boolean(history.state && history.state.photo);
+}
+
+// What the address (or a photo's entry) says: its options set in the form, its search run;
+// with no query there, no results.
+function followAddress() {
+  const photo = onPhotoEntry() && state.image;
+  const query = new URLSearchParams(photo ? history.state.options : location.search);
+  const kind = photo ? "image" : ["text", "id"].find((name) => query.get(name));
+  $("text").value = kind === "text" ? query.get("text") : "";
+  setSelect($("top-k"), query.get("top_k") || DEFAULT_TOP_K);
+  $("min-score").value = query.get("min_score") || "";
+  for (const select of $("filters").querySelectorAll("select")) {
+    setSelect(select, query.get(`filter.${select.dataset.field}`) || "");
+  }
+  state.offset = Math.max(0, Number(query.get("offset")) || 0);
+  state.kind = kind || null;
+  if (kind && kind !== "image") state[kind] = query.get(kind);
+  if (kind) {
+    runSearch(true);
+  } else {
+    $("summary").textContent = "";
+    $("page").textContent = "";
+    $("results").replaceChildren();
+    setPager(false);
+  }
+}
+
+function setSelect(select, value) {
+  if (value && ![...select.options].some((option) => option.value === value)) {
+    select.append(new Option(value, value)); // a value the address names, outside the list
+  }
+  select.value = value;
 }
 
 function describeQuery() {
@@ -246,4 +299,6 @@ function wire() {
 
 wire();
 loadStatus();
-loadFacets();
+// Filters named in the address need their lists drawn first.
+loadFacets().then(followAddress);
+window.addEventListener("popstate", followAddress);
