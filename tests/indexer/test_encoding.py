@@ -57,6 +57,17 @@ def test_two_encoders_share_the_work_and_bad_files_fail_alone(make_encoder) -> N
     assert min(spread.values()) >= 10, spread  # both took a real share
 
 
+def test_an_image_too_large_for_any_request_fails_alone_and_the_run_goes_on(make_encoder) -> None:
+    # A real encoder refuses a message over its request limit (32 MB at least) as a whole:
+    # sent, this image would fail every image of its stream, at every try, until the run stalled.
+    encoder, _ = make_encoder()
+    jobs = make_jobs(10)
+    jobs.insert(5, Job("huge", b"\xff\xd8" + bytes(33 * 1024 * 1024)))
+    outcomes, _spread = encode([encoder.target], jobs, window=4, stall_s=5)
+    assert "more than an encoder request may carry" in outcomes["huge"].error
+    assert all(outcomes[str(index)].vector is not None for index in range(10))
+
+
 def test_an_unreachable_encoder_is_worked_around(make_encoder) -> None:
     live, _ = make_encoder()
     dead = f"127.0.0.1:{free_port()}"

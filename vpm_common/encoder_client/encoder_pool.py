@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 ENCODER_SERVICE = "vpm.v1.Encoder"
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 _RESOURCE_EXHAUSTED = STATUS_CODES["RESOURCE_EXHAUSTED"]
+_INVALID_ARGUMENT = STATUS_CODES["INVALID_ARGUMENT"]
 _READY = grpc.ChannelConnectivity.READY
 # A request's limits when an encoder does not say (ModelInfo.max_request_images, _bytes).
 DEFAULT_REQUEST_IMAGES = 64
@@ -330,12 +331,16 @@ class EncoderPool:
     ) -> None:
         """One EncodeImageBatches stream to `target` carrying every pending image."""
         info = await self._model_info_of(target, deadline)
+        # Room for the message around the images.
+        most_bytes = (info.max_request_bytes or DEFAULT_REQUEST_BYTES) - 64 * 1024
+        run.refuse_larger(most_bytes)
+        if not run.pending:
+            return
         chunks = _chunks(
             run.pending,
             [len(data) for data in run.images],
             info.max_request_images or DEFAULT_REQUEST_IMAGES,
-            # Room for the message around the images.
-            (info.max_request_bytes or DEFAULT_REQUEST_BYTES) - 64 * 1024,
+            most_bytes,
         )
         requests = [
             encoder_pb2.ImageBatch(id=str(k), images=[run.images[i] for i in chunk], dtype=dtype)
@@ -518,6 +523,19 @@ class _ImageRun:
         self.vectors: np.ndarray | None = None
         self.model_ids = [""] * len(images)
         self.errors: dict[int, tuple[int, str]] = {}
+
+    def refuse_larger(self, most_bytes: int) -> None:
+        """Fail the pending images no request can carry: sent, one would fail its whole
+        stream (and every image sent with it) at each try, on every encoder."""
+        for index in self.pending:
+            size = len(self.images[index])
+            if size > most_bytes:
+                self.errors[index] = (
+                    _INVALID_ARGUMENT,
+                    f"image: {size} bytes, more than an encoder request may carry "
+                    f"({most_bytes} bytes)",
+                )
+        self.pending = [index for index in self.pending if index not in self.errors]
 
     def take(
         self,

@@ -239,9 +239,12 @@ def test_requests_stay_within_the_encoders_byte_limit(fake_encoders: Callable) -
         return await pool.encode_image_batch(images)
 
     encoded = run_with_pool([server.target], work)
-    assert fake.batches == 5  # 2 + 2 + 2 + 1 + the big one alone
-    expected = np.array([fake_vector(data, 8) for data in images])
-    np.testing.assert_allclose(encoded.vectors, expected, rtol=1e-6)
+    assert fake.batches == 4  # 2 + 2 + 2 + 1; the big one is never sent
+    expected = np.array([fake_vector(data, 8) for data in images[:7]])
+    np.testing.assert_allclose(encoded.vectors[:7], expected, rtol=1e-6)
+    assert encoded.errors == {
+        7: (3, "image: 1000 bytes, more than an encoder request may carry (250 bytes)")
+    }
 
 
 def test_connect_refuses_encoders_that_disagree_and_expand_dns_sees_each_address(
