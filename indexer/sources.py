@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,11 +214,11 @@ def walk_images(root: Path) -> list[Path]:
     visited: set[tuple[int, int]] = set()
     chosen: dict[tuple[int, int], Path] = {}
     for folder, subfolders, files in os.walk(root, followlinks=True):
-        stat = os.stat(folder)
-        if (stat.st_dev, stat.st_ino) in visited:
+        folder_stat = os.stat(folder)
+        if (folder_stat.st_dev, folder_stat.st_ino) in visited:
             subfolders[:] = []  # a link loop, or a second link to a folder already walked
             continue
-        visited.add((stat.st_dev, stat.st_ino))
+        visited.add((folder_stat.st_dev, folder_stat.st_ino))
         subfolders.sort()
         for name in sorted(files):
             if not name.lower().endswith(IMAGE_EXTENSIONS):
@@ -227,6 +228,9 @@ def walk_images(root: Path) -> list[Path]:
                 file_stat = path.stat()
             except OSError:
                 logger.warning("skipping %s: broken link or unreadable", path)
+                continue
+            if not stat.S_ISREG(file_stat.st_mode):  # reading a pipe would wait for ever
+                logger.warning("skipping %s: not a regular file", path)
                 continue
             key = (file_stat.st_dev, file_stat.st_ino)
             if key not in chosen or (chosen[key].is_symlink() and not path.is_symlink()):

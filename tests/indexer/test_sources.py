@@ -91,3 +91,11 @@ def test_folder_layout_follows_links_once_and_survives_loops(tmp_path: Path) -> 
     categories = {item.id: item.fields()["category"] for item in found.items}
     assert categories == {"b1": "bags", "a2": "bags", "a1": "shoes", "top": ""}
     assert any("id 'a2' also at" in what for _, what in found.problems)
+
+
+def test_folder_layout_skips_what_is_not_a_regular_file(tmp_path: Path) -> None:
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    os.mkfifo(tmp_path / "pipe.jpg")  # reading it would wait for a writer for ever
+    (tmp_path / "folder.jpg").mkdir()
+    found = folder_catalog(tmp_path)
+    assert [item.id for item in found.items] == ["a"]
