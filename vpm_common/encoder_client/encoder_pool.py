@@ -532,8 +532,8 @@ class _ImageRun:
             if size > most_bytes:
                 self.errors[index] = (
                     _INVALID_ARGUMENT,
-                    f"image: {size} bytes, more than an encoder request may carry "
-                    f"({most_bytes} bytes)",
+                    f"image is {size} bytes, over the limit of {most_bytes} that a request "
+                    "to the encoders may carry",
                 )
         self.pending = [index for index in self.pending if index not in self.errors]
 

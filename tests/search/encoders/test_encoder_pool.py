@@ -243,7 +243,10 @@ def test_requests_stay_within_the_encoders_byte_limit(fake_encoders: Callable) -
     expected = np.array([fake_vector(data, 8) for data in images[:7]])
     np.testing.assert_allclose(encoded.vectors[:7], expected, rtol=1e-6)
     assert encoded.errors == {
-        7: (3, "image: 1000 bytes, more than an encoder request may carry (250 bytes)")
+        7: (
+            3,
+            "image is 1000 bytes, over the limit of 250 that a request to the encoders may carry",
+        )
     }
 
 
