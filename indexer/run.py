@@ -23,7 +23,13 @@ from indexer.plan import (
 )
 from indexer.progress import Progress
 from indexer.settings import IndexerSettings
-from indexer.sources import Discovery, SourceItem, fashion_catalog, folder_catalog
+from indexer.sources import (
+    IMAGE_EXTENSIONS,
+    Discovery,
+    SourceItem,
+    fashion_catalog,
+    folder_catalog,
+)
 from indexer.upload import SearchClient, Uploader
 from vpm.v1 import search_pb2
 from vpm_common.encoder_client.encoder_pool import EncoderPool
@@ -99,6 +105,11 @@ async def run(settings: IndexerSettings) -> Summary:
             "... and %d more problems (all in the summary)", len(discovery.problems) - 20
         )
     logger.info("found %d products with images", summary.found)
+    if not discovery.items:  # most often a wrong path: say where it looked, and for what
+        logger.warning(
+            "no product with an image in %s (image files end in %s)",
+            settings.dir or settings.images, ", ".join(IMAGE_EXTENSIONS),
+        )  # fmt: skip
 
     security = settings.security()
     try:

@@ -145,6 +145,7 @@ def test_a_prune_that_would_empty_the_catalog_is_refused(stack: Stack, tmp_path:
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2
+    assert f"no product with an image in {empty} (image files end in .jpg" in done.stderr
     assert "--prune would delete 10 of the catalog's 10 products" in done.stderr
     assert len(catalog_ids(stack)) == 10
 
