@@ -30,7 +30,10 @@ class IndexerSettings(ClientGuards):
     batch_size: int = setting(
         1000, "products per UpsertProductBatches call (one acknowledged batch)"
     )
-    window: int = setting(0, "images in flight per encoder (0: four times the encoder's max batch)")
+    window: int = setting(
+        0,
+        "images in flight per encoder, and as many read ahead (0: four times its max batch)",
+    )
     workers: int = setting(0, "threads reading and hashing files (0: one per core, at most 8)")
     dry_run: bool = setting(False, "only report what a run would do")
     progress: str = setting("auto", "progress display", choices=("auto", "bar", "log", "off"))
