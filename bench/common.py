@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(os.environ.get("VPM_BENCH_OUT", "data/bench"))
+# The machine's PostgreSQL server, for the benchmarks that use one (each in a database of its own).
+POSTGRES = os.environ.get("VPM_BENCH_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432")
 
 
 def timed(work: Callable[[], Any]) -> tuple[float, Any]:

@@ -1,7 +1,9 @@
 """Search service: bulk ingest, search latency and throughput, HNSW recall, measured in one run.
 
 ingest    42,700 products with 512-d vectors supplied, into catalog (SQLite) + index:
-          the engine alone (domain); a real service process fed by UpsertProductBatches
+          the engine alone (domain), into SQLite and, when the machine's PostgreSQL
+          answers (VPM_BENCH_POSTGRES), into a new PostgreSQL database; a real service
+          process fed by UpsertProductBatches
           (metadata plus one packed float32 matrix a message), a fresh process each
           round beside the engine's own run, so that their ratio is measured side by
           side; and one UpsertProducts stream (a message a product) for comparison,
@@ -36,9 +38,10 @@ from typing import Any
 import faiss
 import grpc
 import numpy as np
+import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.common import closed_loop, median, percentile, record, table, timed
+from bench.common import POSTGRES, closed_loop, median, percentile, record, table, timed
 from search_service.engine import SearchEngine
 from search_service.index.vector_index import VectorIndex, single_threaded
 from search_service.models import Product
@@ -49,6 +52,7 @@ from search_service.storage.catalog import (
     WAL_AUTOCHECKPOINT_BYTES,
     Catalog,
     row_values,
+    scratch_database,
 )
 from tests.support import free_port
 from vpm.v1 import search_pb2, search_pb2_grpc
@@ -108,6 +112,27 @@ def ingest_domain(
     assert frames == copied > 0, (frames, copied)
     engine.catalog.close()
     return len(products) / seconds, checkpoint_s
+
+
+def ingest_postgres(folder: Path, products: list, vectors: np.ndarray) -> float:
+    """Products/s of SearchEngine.upsert_products into a new PostgreSQL database and Flat
+    index (dropped afterwards)."""
+    with scratch_database(f"{POSTGRES}/postgres", "vpm_bench_ingest") as url:
+        engine = SearchEngine(Catalog.open(url), folder)
+        engine.load()
+        seconds, summary = timed(lambda: engine.upsert_products(products, vectors))
+        assert summary.inserted == len(products), summary
+        engine.catalog.close()
+    return len(products) / seconds
+
+
+def postgres_answers() -> bool:
+    try:
+        with scratch_database(f"{POSTGRES}/postgres", "vpm_bench_probe"):
+            return True
+    except sa.exc.OperationalError as err:
+        print(f"ingest into PostgreSQL skipped: {POSTGRES} is unreachable ({err.orig})")
+        return False
 
 
 def ingest_naive(folder: Path, products: list, vectors: np.ndarray) -> float:
@@ -180,7 +205,9 @@ def ingest_sqlite_alone(folder: Path, products: list, vectors: np.ndarray) -> fl
     return len(rows) / seconds
 
 
-def ingest_round(folder: Path, products: list, vectors: np.ndarray) -> dict[str, float]:
+def ingest_round(
+    folder: Path, products: list, vectors: np.ndarray, postgres: bool
+) -> dict[str, float]:
     """One round of the bulk paths side by side: the engine's, and SQLite alone's ceiling.
 
     Each writes into a folder of its own, removed afterwards: with earlier runs'
@@ -211,6 +238,10 @@ def ingest_round(folder: Path, products: list, vectors: np.ndarray) -> dict[str,
         "ingest_domain_normal": domain("NORMAL"),
         "sqlite_alone": lambda scratch: ingest_sqlite_alone(scratch, products, vectors),
     }
+    if postgres:
+        paths["ingest_domain_postgres"] = lambda scratch: ingest_postgres(
+            scratch, products, vectors
+        )
     for name, measure in paths.items():
         scratch = folder / name
         scratch.mkdir()
@@ -438,8 +469,9 @@ def run() -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="vpm-search-bench-") as tmp:
         folder = Path(tmp)
         rounds = []
+        postgres = postgres_answers()
         for _ in range(ROUNDS):
-            rounds.append(ingest_round(folder, products, vectors))
+            rounds.append(ingest_round(folder, products, vectors, postgres))
         figures["ingest_rounds"] = rounds
         for name in rounds[0]:
             figures[name] = median([round_[name] for round_ in rounds])
@@ -486,6 +518,11 @@ def print_tables(figures: dict[str, Any]) -> None:
     paths = [
         ("engine (domain), SQLite synchronous=FULL", figures["ingest_domain_full"]),
         ("engine (domain), SQLite synchronous=NORMAL", figures["ingest_domain_normal"]),
+        *(
+            [("engine (domain), PostgreSQL (the machine's)", figures["ingest_domain_postgres"])]
+            if "ingest_domain_postgres" in figures
+            else []
+        ),
         (
             f"service process, UpsertProductBatches ({RPC_BATCH:,} a message), FULL",
             figures["ingest_rpc_batches"],

@@ -23,12 +23,11 @@ import grpc
 import numpy as np
 import sqlalchemy as sa
 
-from bench.common import median, percentile, record, table
+from bench.common import POSTGRES, median, percentile, record, table
 from search_service.storage.catalog import scratch_database
 from tests.support import ServiceProcess, free_port
 from vpm.v1 import search_pb2, search_pb2_grpc
 
-POSTGRES = os.environ.get("VPM_BENCH_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432")
 ROUNDS = int(os.environ.get("VPM_BENCH_SHARED_ROUNDS", "20"))
 BATCH = 100
 DIM = 512

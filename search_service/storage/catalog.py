@@ -617,9 +617,12 @@ def _insert(conn: sa.Connection, table: sa.Table, names: list[str], rows: list[t
     sqlite3 module releases the GIL once per statement step, so one step that
     inserts ~1,900 rows lets the next batch's checks and the index update run
     beside it, where executemany's one step per row hands the GIL back and forth
-    for every row. Other drivers (psycopg pipelines an executemany) take
-    `_executemany`.
+    for every row. On PostgreSQL through psycopg, as one binary COPY (see
+    `_copy_into`). Other drivers take `_executemany`.
     """
+    if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
+        _copy_into(conn, table, names, rows)
+        return
     if conn.dialect.name != "sqlite":
         _executemany(conn, table.insert(), names, rows)
         return
@@ -635,6 +638,21 @@ def _insert(conn: sa.Connection, table: sa.Table, names: list[str], rows: list[t
         chunk = rows[start : start + per_statement]
         sql = head + ", ".join([group] * len(chunk))
         conn.exec_driver_sql(sql, tuple(itertools.chain.from_iterable(chunk)))
+
+
+def _copy_into(conn: sa.Connection, table: sa.Table, names: list[str], rows: list[tuple]) -> None:
+    """PostgreSQL: `rows` into `table` by one COPY in binary form, in the connection's
+    transaction: vectors travel as their bytes (text COPY doubles them into hex), and the
+    server parses no statement per row (see BENCHMARKS.md, ingest into PostgreSQL)."""
+    quote = conn.dialect.identifier_preparer.quote
+    # COPY's binary form needs each column's server type by name: "varchar(256)" -> "varchar".
+    types = [table.c[name].type.compile(conn.dialect).split("(")[0].lower() for name in names]
+    sql = f"COPY {quote(table.name)} ({', '.join(quote(name) for name in names)}) FROM STDIN"
+    cursor = conn.connection.dbapi_connection.cursor()
+    with cursor, cursor.copy(sql + " (FORMAT BINARY)") as copy:
+        copy.set_types(types)
+        for row in rows:
+            copy.write_row(row)
 
 
 def _executemany(

@@ -28,7 +28,7 @@ def pairs(products: list[Product], vectors: np.ndarray) -> list[tuple[Product, n
 
 def test_migrations_create_the_schema_once(catalog_url: str, open_catalog: OpenCatalog) -> None:
     catalog = open_catalog(catalog_url)
-    assert upgrade_to_head(catalog.engine) == "0003"  # already there: nothing to do
+    assert upgrade_to_head(catalog.engine) == "0004"  # already there: nothing to do
     inspector = sa.inspect(catalog.engine)
     assert {"products", "deletions", "catalog_state", "alembic_version"} <= set(
         inspector.get_table_names()
@@ -55,7 +55,7 @@ def test_a_catalog_of_revision_0001_upgrades_and_keeps_its_deletions(catalog_url
     with engine.begin() as conn:
         conn.execute(sa.text("INSERT INTO deletions VALUES (7, 'p7', 3)"))
     before = time.time()
-    assert upgrade_to_head(engine) == "0003"
+    assert upgrade_to_head(engine) == "0004"
     # 0001 made nine filter-column indexes; 0003 drops them, and keeps the version's.
     indexed = {tuple(ix["column_names"]) for ix in sa.inspect(engine).get_indexes("products")}
     assert ("version",) in indexed and indexed <= {("version",), ("product_id",)}
@@ -257,6 +257,29 @@ def test_postgresql_has_no_checkpoint_step(
 ) -> None:
     catalog = open_catalog(postgres_catalog_url)
     assert not catalog.checkpoints and catalog.checkpoint() is None
+
+
+@pytest.mark.parametrize("dim", [512, 4096])
+def test_postgresql_keeps_rows_inline_up_to_a_page_and_toasts_larger_ones(
+    postgres_catalog_url: str, open_catalog: OpenCatalog, dim: int
+) -> None:
+    """ViT-B-32's rows (~2.3 KB) are not compressed or moved to the TOAST table (migration
+    0004): PostgreSQL's own catalog says where they went; 16 KB vectors still fit."""
+    catalog = open_catalog(postgres_catalog_url)
+    products, vectors = random_catalog(50, dim)
+    assert [o.kind for o in catalog.upsert(pairs(products, vectors)).outcomes] == ["inserted"] * 50
+    with catalog.engine.connect() as conn:
+        options, toast = conn.execute(
+            sa.text(
+                "SELECT reloptions, reltoastrelid::regclass::text FROM pg_class "
+                "WHERE relname = 'products'"
+            )
+        ).one()
+        toasted = conn.execute(sa.text(f"SELECT count(*) FROM {toast}")).scalar_one()
+    assert "toast_tuple_target=8160" in options
+    assert (toasted == 0) == (dim == 512), toasted
+    key, product, vector = catalog.get("p7", include_vector=True)
+    assert product == products[7] and np.array_equal(vector, vectors[7])
 
 
 def _synchronous_at_inserts(catalog: Catalog) -> list[int]:
