@@ -9,8 +9,9 @@ toast_tuple_target (~2 KB): each insert tried to compress the vector (random
 floats do not compress) and moved it out to the TOAST table, with its own
 index. With the target at a page's worth (8160, the most PostgreSQL allows),
 rows up to it stay in the table as they are; larger ones are toasted as
-before. New rows only: rows already written stay where they are. Bulk upserts
-into PostgreSQL went ~3x faster (BENCHMARKS.md). Other databases: nothing.
+before. New rows only (an update writes a new row): rows already written stay
+where they are. This was most of a bulk upsert's time on PostgreSQL
+(BENCHMARKS.md, ingest into PostgreSQL). Other databases: nothing.
 """
 
 from __future__ import annotations
