@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import operator
 import re
 from collections.abc import Sequence
 
@@ -98,6 +99,7 @@ def checked_rows(
     for row, product in enumerate(products):
         try:
             _check_id(product)
+            _check_text(product)
             _check_image_hash(product)
         except InvalidArgument as err:
             errors[row] = err
@@ -111,6 +113,7 @@ def checked_rows(
 
 def _check_item(item: UpsertItem) -> UpsertItem:
     _check_id(item.product)
+    _check_text(item.product)
     has_vector = item.vector is not None and len(item.vector) > 0
     if has_vector == (item.image is not None):
         raise InvalidArgument("vector, image: set exactly one of them")
@@ -126,6 +129,29 @@ def _check_item(item: UpsertItem) -> UpsertItem:
 def _check_id(product: Product) -> None:
     if not 1 <= len(product.id) <= MAX_ID_LENGTH:
         raise InvalidArgument(f"id: must be 1 to {MAX_ID_LENGTH} characters, got {len(product.id)}")
+
+
+# A product's text fields (image_sha256 is checked as hex). PostgreSQL stores no NUL
+# character in text and refused the whole batch for one, where SQLite took it: refused
+# alone here, whatever the catalog, so that both behave alike.
+TEXT_FIELDS = (
+    "id", "name", "gender", "master_category", "sub_category", "article_type",
+    "base_colour", "season", "usage", "category", "model_id",
+)  # fmt: skip
+
+
+_text_fields = operator.attrgetter(*TEXT_FIELDS)
+
+
+def _check_text(product: Product) -> None:
+    # One scan of the fields joined, field by field only to name the one at fault: this runs
+    # for every product of a bulk upsert.
+    if "\0" in "".join(_text_fields(product)):
+        name = next(name for name in TEXT_FIELDS if "\0" in getattr(product, name))
+        raise InvalidArgument(f"{name}: must not contain NUL characters (U+0000)")
+    for key, value in product.attributes.items():
+        if "\0" in key or "\0" in value:
+            raise InvalidArgument(f"attributes[{key!r}]: must not contain NUL characters (U+0000)")
 
 
 def _check_image_hash(product: Product) -> None:
