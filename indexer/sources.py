@@ -9,14 +9,11 @@ What cannot be used is reported with where it is and why, never fatal.
 from __future__ import annotations
 
 import csv
-import logging
 import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-
-logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 STYLES_COLUMNS = (
@@ -180,7 +177,7 @@ def folder_catalog(root: Path) -> Discovery:
     """Every image under `root`: id = file stem, category = its folder relative to root."""
     found = Discovery()
     first_path_of: dict[str, Path] = {}
-    for path in walk_images(root):
+    for path in walk_images(root, found):
         product_id = path.stem
         problem = _id_problem(product_id)
         if problem:
@@ -205,11 +202,12 @@ def folder_catalog(root: Path) -> Discovery:
     return found
 
 
-def walk_images(root: Path) -> list[Path]:
+def walk_images(root: Path, found: Discovery) -> list[Path]:
     """Image files under root, sorted, following links but never into a folder twice.
 
     A file reached by several paths (links) is listed once, under its own
-    path rather than a link's when the walk finds both.
+    path rather than a link's when the walk finds both. Broken links and what
+    is not a regular file are problems of `found`, skipped.
     """
     visited: set[tuple[int, int]] = set()
     chosen: dict[tuple[int, int], Path] = {}
@@ -227,10 +225,10 @@ def walk_images(root: Path) -> list[Path]:
             try:
                 file_stat = path.stat()
             except OSError:
-                logger.warning("skipping %s: broken link or unreadable", path)
+                found.problem(str(path), "broken link or unreadable; skipped")
                 continue
             if not stat.S_ISREG(file_stat.st_mode):  # reading a pipe would wait for ever
-                logger.warning("skipping %s: not a regular file", path)
+                found.problem(str(path), "not a regular file; skipped")
                 continue
             key = (file_stat.st_dev, file_stat.st_ino)
             if key not in chosen or (chosen[key].is_symlink() and not path.is_symlink()):

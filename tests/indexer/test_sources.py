@@ -93,9 +93,14 @@ def test_folder_layout_follows_links_once_and_survives_loops(tmp_path: Path) -> 
     assert any("id 'a2' also at" in what for _, what in found.problems)
 
 
-def test_folder_layout_skips_what_is_not_a_regular_file(tmp_path: Path) -> None:
+def test_folder_layout_lists_what_is_not_a_regular_file_as_a_problem(tmp_path: Path) -> None:
     (tmp_path / "a.jpg").write_bytes(b"x")
     os.mkfifo(tmp_path / "pipe.jpg")  # reading it would wait for a writer for ever
     (tmp_path / "folder.jpg").mkdir()
+    os.symlink(tmp_path / "gone.jpg", tmp_path / "broken.jpg")
     found = folder_catalog(tmp_path)
     assert [item.id for item in found.items] == ["a"]
+    assert sorted(found.problems) == [
+        (str(tmp_path / "broken.jpg"), "broken link or unreadable; skipped"),
+        (str(tmp_path / "pipe.jpg"), "not a regular file; skipped"),
+    ]
