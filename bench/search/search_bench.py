@@ -99,31 +99,35 @@ def catalog(count: int, seed: int = 0) -> tuple[list[Product], np.ndarray]:
 # -- ingest ----------------------------------------------------------------------------
 
 
-def ingest_domain(
-    folder: Path, products: list, vectors: np.ndarray, sync: str
-) -> tuple[float, float]:
-    """Products/s of SearchEngine.upsert_products into a fresh SQLite catalog and Flat index,
-    and the seconds of the checkpoint the service's upkeep runs once writes pause."""
-    engine = SearchEngine(Catalog.open(f"sqlite:///{folder}/domain-{sync}.db", sync), folder)
+def engine_ingest(catalog: Catalog, folder: Path, products: list, vectors: np.ndarray) -> float:
+    """Products/s of SearchEngine.upsert_products into the empty `catalog` and a Flat index."""
+    engine = SearchEngine(catalog, folder)
     engine.load()
     seconds, summary = timed(lambda: engine.upsert_products(products, vectors))
     assert summary.inserted == len(products), summary
-    checkpoint_s, (frames, copied) = timed(engine.catalog.checkpoint)
+    return len(products) / seconds
+
+
+def ingest_domain(
+    folder: Path, products: list, vectors: np.ndarray, sync: str
+) -> tuple[float, float]:
+    """Products/s of the engine into a fresh SQLite catalog, and the seconds of the
+    checkpoint the service's upkeep runs once writes pause."""
+    catalog = Catalog.open(f"sqlite:///{folder}/domain-{sync}.db", sync)
+    rate = engine_ingest(catalog, folder, products, vectors)
+    checkpoint_s, (frames, copied) = timed(catalog.checkpoint)
     assert frames == copied > 0, (frames, copied)
-    engine.catalog.close()
-    return len(products) / seconds, checkpoint_s
+    catalog.close()
+    return rate, checkpoint_s
 
 
 def ingest_postgres(folder: Path, products: list, vectors: np.ndarray) -> float:
-    """Products/s of SearchEngine.upsert_products into a new PostgreSQL database and Flat
-    index (dropped afterwards)."""
+    """Products/s of the engine into a new PostgreSQL database (dropped afterwards)."""
     with scratch_database(f"{POSTGRES}/postgres", "vpm_bench_ingest") as url:
-        engine = SearchEngine(Catalog.open(url), folder)
-        engine.load()
-        seconds, summary = timed(lambda: engine.upsert_products(products, vectors))
-        assert summary.inserted == len(products), summary
-        engine.catalog.close()
-    return len(products) / seconds
+        catalog = Catalog.open(url)
+        rate = engine_ingest(catalog, folder, products, vectors)
+        catalog.close()
+    return rate
 
 
 def postgres_answers() -> bool:
