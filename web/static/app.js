@@ -8,7 +8,8 @@ const LABELS = {
   usage: "Usage", category: "Folder",
 };
 const $ = (id) => document.getElementById(id);
-const DEFAULT_TOP_K = "24";
+// The page size the page opens with: the option index.html marks selected.
+const DEFAULT_TOP_K = [...$("top-k").options].find((option) => option.defaultSelected).value;
 const state = { kind: null, image: null, text: "", id: "", offset: 0 };
 
 function showMessage(text) {
