@@ -16,6 +16,7 @@ from search_service.models import (
     MAX_ID_LENGTH,
     MAX_RESULT_WINDOW,
     MAX_TOP_K,
+    METADATA_FIELDS,
     ItemFailure,
     Product,
     SearchQuery,
@@ -134,10 +135,7 @@ def _check_id(product: Product) -> None:
 # A product's text fields (image_sha256 is checked as hex). PostgreSQL stores no NUL
 # character in text and refused the whole batch for one, where SQLite took it: refused
 # alone here, whatever the catalog, so that both behave alike.
-TEXT_FIELDS = (
-    "id", "name", "gender", "master_category", "sub_category", "article_type",
-    "base_colour", "season", "usage", "category", "model_id",
-)  # fmt: skip
+TEXT_FIELDS = ("id", *(name for name in METADATA_FIELDS if name != "year"), "model_id")
 
 
 _text_fields = operator.attrgetter(*TEXT_FIELDS)
