@@ -12,7 +12,7 @@ from search_service.encoders.query_cache import CachingEmbedder
 from search_service.engine import SearchEngine
 from search_service.index.gpu import DeviceError, resolve_device
 from search_service.index.vector_index import check_index_settings
-from search_service.server import SearchApp, create_server
+from search_service.rpc.server import SearchApp, create_server
 from search_service.settings import SearchSettings
 from search_service.storage.catalog import Catalog
 from search_service.upkeep import (

@@ -141,7 +141,7 @@ class InProcessService:
     def __init__(self, index: Any, count: int, tmp: Path) -> None:
         from search_service.engine import SearchEngine
         from search_service.models import Product
-        from search_service.server import SearchApp, create_server
+        from search_service.rpc.server import SearchApp, create_server
         from search_service.settings import SearchSettings
         from search_service.storage.catalog import Catalog
         from tests.support import ServerThread

@@ -16,7 +16,7 @@ from search_service.encoders.embedder import QueryEmbedder
 from search_service.encoders.query_cache import CachingEmbedder
 from search_service.engine import SearchEngine
 from search_service.models import Product
-from search_service.server import SearchApp, create_server
+from search_service.rpc.server import SearchApp, create_server
 from search_service.settings import SearchSettings
 from search_service.storage.catalog import Catalog, scratch_database
 from tests.search.fake_encoder import FakeEncoder, start_fake_encoder

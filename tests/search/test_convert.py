@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from search_service import convert
 from search_service.models import Match, Product, SearchResult
+from search_service.rpc import convert
 from vpm.v1 import search_pb2
 
 

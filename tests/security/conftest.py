@@ -11,7 +11,7 @@ import pytest
 
 from search_service.encoders.embedder import QueryEmbedder
 from search_service.engine import SearchEngine
-from search_service.server import SearchApp, create_server
+from search_service.rpc.server import SearchApp, create_server
 from search_service.settings import SearchSettings
 from search_service.storage.catalog import Catalog
 from tests.conftest import start_encoder

@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 from grpc import aio
 from grpc_health.v1 import health
 
-from search_service import convert
 from search_service.engine import SearchEngine
 from search_service.metrics import PRODUCTS, QUERY_CACHE, UPSERTED, observed
 from search_service.models import UpsertSummary
+from search_service.rpc import convert
 from search_service.settings import SearchSettings
 from vpm.v1 import search_pb2, search_pb2_grpc
 from vpm_common.server.deadlines import caller_deadline
