@@ -14,7 +14,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -169,3 +172,62 @@ def start_search_process(
     )  # fmt: skip
     process.wait_serving(f"127.0.0.1:{port}", "vpm.v1.Search")
     return process
+
+
+def wait_http(url: str, process: ServiceProcess, timeout_s: float = 30) -> None:
+    """Until `url` answers 200; fails at once, with its output, if `process` exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.process.poll() is not None:
+            raise RuntimeError(f"{process.module} exited:\n{process.output[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer:\n{process.output[-3000:]}")
+
+
+@dataclass
+class DemoStack:
+    """What `make run` starts, on free ports: the encoder (tiny model), the search service
+    holding a demo catalog put there by the indexer, and the search page."""
+
+    encoder: ServiceProcess
+    encoder_target: str
+    search: ServiceProcess
+    search_target: str
+    web: ServiceProcess
+    web_url: str
+
+
+@contextmanager
+def demo_stack(work: Path, catalog: Path, model_cache: Path) -> Iterator[DemoStack]:
+    """A DemoStack over `catalog` (demo.catalog's fashion layout), its logs and data in `work`."""
+    encoder_port, search_port, web_port = free_port(), free_port(), free_port()
+    encoder_target, search_target = f"127.0.0.1:{encoder_port}", f"127.0.0.1:{search_port}"
+    encoder = start_encoder_process(encoder_port, work / "encoder.log", model_cache)
+    search = start_search_process(search_port, work / "search", [encoder_target])
+    web = None
+    try:
+        indexed = subprocess.run(
+            [sys.executable, "-m", "indexer", "--styles", str(catalog / "styles.csv"),
+             "--images", str(catalog / "images"), "--encoder", encoder_target,
+             "--search", search_target, "--progress", "off"],
+            cwd=ROOT, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert indexed.returncode == 0, indexed.stdout + indexed.stderr
+        web = ServiceProcess(
+            "web",
+            ["--port", str(web_port), "--search", search_target,
+             "--images", str(catalog / "images")],
+            work / "web.log",
+        )  # fmt: skip
+        web_url = f"http://127.0.0.1:{web_port}"
+        wait_http(f"{web_url}/healthz", web)
+        yield DemoStack(encoder, encoder_target, search, search_target, web, web_url)
+    finally:
+        for process in (web, search, encoder):
+            if process is not None:
+                process.stop()

@@ -12,10 +12,6 @@ import csv
 import io
 import os
 import shutil
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +20,7 @@ import pytest
 from PIL import Image
 
 from demo.catalog import generate
-from tests.support import (
-    ROOT,
-    ServiceProcess,
-    free_port,
-    start_encoder_process,
-    start_search_process,
-)
+from tests.support import ROOT, ServiceProcess, demo_stack
 from web.errors import SEARCH_DOWN
 
 pytestmark = pytest.mark.slow
@@ -62,45 +52,10 @@ class Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp("page")
     catalog = generate(work / "catalog", count=PRODUCTS)
-    encoder_port, search_port, web_port = free_port(), free_port(), free_port()
-    encoder = start_encoder_process(encoder_port, work / "encoder.log", model_cache)
-    encoders = [f"127.0.0.1:{encoder_port}"]
-    search = start_search_process(search_port, work / "search", encoders)
-    indexed = subprocess.run(
-        [sys.executable, "-m", "indexer", "--styles", str(catalog / "styles.csv"),
-         "--images", str(catalog / "images"), "--encoder", encoders[0],
-         "--search", f"127.0.0.1:{search_port}", "--progress", "off"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert indexed.returncode == 0, indexed.stdout + indexed.stderr
-    web = ServiceProcess(
-        "web",
-        ["--port", str(web_port), "--search", f"127.0.0.1:{search_port}",
-         "--images", str(catalog / "images")],
-        work / "web.log",
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{web_port}"
-    wait_http(f"{url}/healthz", web)
-    with (catalog / "styles.csv").open() as file:
-        styles = {row["id"]: row for row in csv.DictReader(file)}
-    yield Stack(catalog, search, url, styles)
-    web.stop()
-    search.stop()
-    encoder.stop()
-
-
-def wait_http(url: str, process: ServiceProcess, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.process.poll() is not None:
-            raise RuntimeError(f"web exited:\n{process.output[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"{url} did not answer:\n{process.output[-3000:]}")
+    with demo_stack(work, catalog, model_cache) as demo:
+        with (catalog / "styles.csv").open() as file:
+            styles = {row["id"]: row for row in csv.DictReader(file)}
+        yield Stack(catalog, demo.search, demo.web_url, styles)
 
 
 @pytest.fixture(scope="module")
