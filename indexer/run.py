@@ -219,9 +219,12 @@ async def _apply(
     if delete:
         summary.pruned = await search.delete(delete)
         logger.info("pruned %d products no longer on disk", summary.pruned)
-    # Every product found settles: unchanged, indexed, or failed with its reason.
-    progress = Progress(len(discovery.items), "indexing", mode=settings.progress)
-    uploader = Uploader(search, settings.batch_size, on_acknowledged=progress.advance)
+    # Every product found is done once unchanged, failed with its reason, or sent to
+    # search with its vector; the search service's acknowledgements are counted beside.
+    progress = Progress(
+        len(discovery.items), "indexing", mode=settings.progress, acknowledgements=True
+    )
+    uploader = Uploader(search, settings.batch_size, on_acknowledged=progress.acknowledge)
     # Images read ahead of the encoders: what a window of every encoder holds in flight.
     queued = encoders.window * len(encoders.pool.targets)
     indexing = _Indexing(
@@ -296,7 +299,7 @@ class _Indexing:
     async def _route(self, item: SourceItem, read: Read, kind: str) -> None:
         sha256 = read.sha256
         if kind in ("unchanged", "unreadable"):
-            self.progress.advance(1)  # settled (an unreadable file is reported as failed)
+            self.progress.advance(1)  # done (an unreadable file is reported as failed)
         elif kind == "encode":
             hashed_item = Hashed(item, sha256)
             if sha256 in self.waiting:
@@ -312,7 +315,7 @@ class _Indexing:
         group = self.waiting.pop(outcome.job.key)
         if outcome.vector is None:
             self.summary.failed += [(str(h.item.path), outcome.error) for h in group]
-            self.progress.advance(len(group))  # settled, if not indexed
+            self.progress.advance(len(group))
             return
         self.summary.encoded += 1
         self.summary.reused_duplicates += len(group) - 1
@@ -323,6 +326,7 @@ class _Indexing:
 
     async def upload(self, item: SourceItem, sha256: str, vector: Any) -> None:
         await self.uploader.add(_product(item, sha256), vector, self.model_id)
+        self.progress.advance(1)
 
 
 def _product(item: SourceItem, sha256: str) -> search_pb2.Product:

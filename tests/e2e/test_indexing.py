@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 import time
@@ -88,6 +89,8 @@ def test_index_query_rerun_and_incremental_changes(stack: Stack, tmp_path: Path)
     assert status == 0, output
     assert (summary["found"], summary["encoded"], summary["failed"]) == (40, 40, []), summary
     assert "indexing finished" in output and "encoded            40 images" in output
+    # Off a terminal, progress is logged: the last line once all 40 are encoded and sent.
+    assert re.search(r"indexing: 40/40 img \(.*\), \d+ acknowledged", output), output
 
     picture = (catalog / "images" / "10007.jpg").read_bytes()
     reply = stack.stub.Search(search_pb2.SearchRequest(image=picture, top_k=3), timeout=30)
