@@ -30,15 +30,19 @@ from indexer.sources import (
     fashion_catalog,
     folder_catalog,
 )
-from indexer.upload import SearchClient, Uploader
+from indexer.upload import Uploader, delete_products, stored_products, stored_vectors
 from vpm.v1 import search_pb2
 from vpm_common.encoder_client.encoder_pool import EncoderPool
+from vpm_common.search_client import SearchClient
 
 logger = logging.getLogger(__name__)
 
 # Vectors kept for identical files hashed after their image was encoded (2 KB each at
 # 512-d); past this many, such a file is encoded again.
 KEPT_VECTORS = 100_000
+# How long the search service may take to answer at the start (then --stall-s, as the
+# encoders get): a wrong address says so soon.
+CONNECT_S = 15.0
 
 
 class SetupError(RuntimeError):
@@ -117,9 +121,10 @@ async def run(settings: IndexerSettings) -> Summary:
     except ValueError as error:
         raise SetupError(str(error)) from None
     encoders = FileEncoder(pool, window=settings.window, stall_s=settings.stall_s)
-    search = SearchClient(settings.search, timeout_s=settings.timeout_s, security=security)
+    search = SearchClient(settings.search, settings.timeout_s, security, retry_s=CONNECT_S)
     try:
         stored = await _prepare(settings, discovery, encoders, search, summary)
+        search.retry_s = settings.stall_s  # running: wait out a restart of the service
         delete = to_prune(discovery.items, stored) if settings.prune else []
         _check_prune(delete, len(stored), settings.prune_limit)
         if settings.dry_run:
@@ -155,7 +160,7 @@ async def _prepare(
         )
     try:
         stats = await search.stats()
-        stored = await search.stored()
+        stored = await stored_products(search)
     except Exception as error:  # noqa: BLE001 - any failure here means no run
         raise SetupError(f"search service {settings.search} unusable: {_reason(error)}") from None
     if stats.model_id and stats.model_id != info.model_id:
@@ -217,7 +222,7 @@ async def _apply(
     image goes to the encoders, with the bytes read to hash it, as soon as its hash says so,
     not once all are hashed."""
     if delete:
-        summary.pruned = await search.delete(delete)
+        summary.pruned = await delete_products(search, delete)
         logger.info("pruned %d products no longer on disk", summary.pruned)
     # Every product found is done once unchanged, failed with its reason, or sent to
     # search with its vector; the search service's acknowledgements are counted beside.
@@ -237,7 +242,7 @@ async def _apply(
         await encoders.encode(indexing.jobs, indexing.encoded)
         plan = await producer
         if plan.metadata_only:
-            vectors = await search.vectors([h.item.id for h in plan.metadata_only])
+            vectors = await stored_vectors(search, [h.item.id for h in plan.metadata_only])
             for hashed in plan.metadata_only:
                 await indexing.upload(hashed.item, hashed.sha256, vectors[hashed.item.id])
             summary.metadata_updated = len(plan.metadata_only)

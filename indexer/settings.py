@@ -38,7 +38,9 @@ class IndexerSettings(ClientGuards):
     dry_run: bool = setting(False, "only report what a run would do")
     progress: str = setting("auto", "progress display", choices=("auto", "bar", "log", "off"))
     timeout_s: float = setting(120.0, "deadline of each call to the search service")
-    stall_s: float = setting(120.0, "give up when no encoder answers for this long")
+    stall_s: float = setting(
+        120.0, "give up when no encoder, or the search service, answers for this long"
+    )
     summary_json: Path | None = setting(None, "also write the final summary to this JSON file")
     log_level: str = setting("INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 

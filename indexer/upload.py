@@ -1,9 +1,10 @@
-"""The indexer's side of the search service: what the catalog holds, and batched, retried upserts.
+"""The indexer's side of the search service: what the catalog holds, and batched uploads.
 
 Each UpsertProductBatches call carries one batch: the products' metadata and
 their vectors as one packed float32 matrix. Its summary is the service's
-acknowledgement that the batch is durable. Upserts are idempotent by id, so
-a batch whose answer was lost (the service restarting) is simply sent again.
+acknowledgement that the batch is durable. Calls go through the one search
+client (vpm_common.search_client), which sends a batch again while the service
+restarts: upserts are idempotent by id.
 """
 
 from __future__ import annotations
@@ -13,23 +14,15 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import grpc
 import numpy as np
 from grpc import aio
 
 from indexer.plan import METADATA_FIELDS, Stored
-from vpm.v1 import search_pb2, search_pb2_grpc
+from vpm.v1 import search_pb2
 from vpm_common.matrix import pack
-from vpm_common.security import PLAINTEXT, ClientSecurity
+from vpm_common.search_client import SearchClient
 
 logger = logging.getLogger(__name__)
-
-RETRY_CODES = (
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-)
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 class SearchUnavailable(RuntimeError):
@@ -45,97 +38,40 @@ class UploadTotals:
     failures: list[tuple[str, str]] = field(default_factory=list)
 
 
-class SearchClient:
-    def __init__(
-        self,
-        target: str,
-        timeout_s: float = 120.0,
-        attempts: int = 6,
-        security: ClientSecurity = PLAINTEXT,
-    ) -> None:
-        options = [
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ]
-        self.target = target
-        self.channel = security.aio_channel(target, options)
-        self.stub = search_pb2_grpc.SearchStub(self.channel)
-        self.timeout_s = timeout_s
-        self.attempts = attempts
+async def stored_products(search: SearchClient) -> dict[str, Stored]:
+    """Every product's image hash, model and metadata, by id (the listing retried whole)."""
 
-    async def close(self) -> None:
-        await self.channel.close()
-
-    async def stats(self) -> search_pb2.Stats:
-        return await self._retrying(
-            lambda: self.stub.GetStats(
-                search_pb2.GetStatsRequest(), timeout=self.timeout_s, wait_for_ready=True
+    async def listing() -> dict[str, Stored]:
+        stored = {}
+        async for product in search.products():
+            stored[product.id] = Stored(
+                product.image_sha256, product.model_id, metadata_of(product)
             )
-        )
+        return stored
 
-    async def stored(self) -> dict[str, Stored]:
-        """Every product's image hash, model and metadata, by id."""
+    return await search.call(listing)
 
-        async def listing() -> dict[str, Stored]:
-            stored = {}
-            async for product in self.stub.ListProducts(
-                search_pb2.ListProductsRequest(), timeout=self.timeout_s * 10
-            ):
-                stored[product.id] = Stored(
-                    product.image_sha256, product.model_id, metadata_of(product)
-                )
-            return stored
 
-        return await self._retrying(listing)
+async def stored_vectors(
+    search: SearchClient, ids: list[str], concurrency: int = 16
+) -> dict[str, np.ndarray]:
+    """Stored vectors of `ids` (for products whose metadata alone changed)."""
+    gate = asyncio.Semaphore(concurrency)
 
-    async def vectors(self, ids: list[str], concurrency: int = 16) -> dict[str, np.ndarray]:
-        """Stored vectors of `ids` (for products whose metadata alone changed)."""
-        gate = asyncio.Semaphore(concurrency)
+    async def one(product_id: str) -> tuple[str, np.ndarray]:
+        async with gate:
+            product = await search.product(product_id, include_vector=True)
+            return product_id, np.asarray(product.vector, dtype=np.float32)
 
-        async def one(product_id: str) -> tuple[str, np.ndarray]:
-            async with gate:
-                request = search_pb2.GetProductRequest(id=product_id, include_vector=True)
-                product = await self._retrying(
-                    lambda: self.stub.GetProduct(request, timeout=self.timeout_s)
-                )
-                return product_id, np.asarray(product.vector, dtype=np.float32)
+    return dict(await asyncio.gather(*(one(product_id) for product_id in ids)))
 
-        return dict(await asyncio.gather(*(one(product_id) for product_id in ids)))
 
-    async def delete(self, ids: list[str], chunk: int = 1000) -> int:
-        deleted = 0
-        for start in range(0, len(ids), chunk):
-            request = search_pb2.DeleteProductsRequest(ids=ids[start : start + chunk])
-            reply = await self._retrying(
-                lambda r=request: self.stub.DeleteProducts(r, timeout=self.timeout_s)
-            )
-            deleted += reply.deleted
-        return deleted
-
-    async def upsert(self, batch: search_pb2.ProductBatch) -> search_pb2.UpsertSummary:
-        """One batch in one UpsertProductBatches call: durable once this returns."""
-        return await self._retrying(
-            lambda: self.stub.UpsertProductBatches(iter([batch]), timeout=self.timeout_s)
-        )
-
-    async def _retrying(self, call: Callable):  # noqa: ANN202 - returns what the call returns
-        pause = 0.5
-        for attempt in range(1, self.attempts + 1):
-            try:
-                return await call()
-            except aio.AioRpcError as error:
-                if error.code() not in RETRY_CODES or attempt == self.attempts:
-                    raise
-                logger.warning(
-                    "search %s: %s (%s); retrying in %.1f s",
-                    self.target,
-                    error.code().name,
-                    error.details(),
-                    pause,
-                )
-                await asyncio.sleep(pause)
-                pause = min(2 * pause, 8.0)
-        raise AssertionError("unreachable")
+async def delete_products(search: SearchClient, ids: list[str], chunk: int = 1000) -> int:
+    """Delete `ids`, `chunk` a call: how many were there."""
+    deleted = 0
+    for start in range(0, len(ids), chunk):
+        deleted += (await search.delete(ids[start : start + chunk])).deleted
+    return deleted
 
 
 class Uploader:

@@ -22,9 +22,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vpm.v1 import search_pb2
 from vpm_common.errors import VpmError
+from vpm_common.search_client import SearchClient
 from web import api
-from web.errors import http_status
-from web.search_client import SearchClient
+from web.errors import from_rpc, http_status
 from web.settings import WebSettings
 from web.thumbnails import ThumbnailStore
 from web.uploads import UploadLimits, read_upload
@@ -77,7 +77,9 @@ def create_app(settings: WebSettings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        page.client = SearchClient(settings.search, settings.timeout_s, settings.security())
+        page.client = SearchClient(
+            settings.search, settings.timeout_s, settings.security(), error=from_rpc
+        )
         try:
             yield
         finally:

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from indexer.upload import SearchClient, Uploader
+from indexer.upload import SearchUnavailable, Uploader, stored_vectors
 from search_service.engine import SearchEngine
 from search_service.storage.catalog import Catalog
 from tests.search.conftest import serve_engine
+from tests.support import free_port
 from vpm.v1 import search_pb2
+from vpm_common.search_client import SearchClient
 
 DIM = 8
 
@@ -44,7 +49,7 @@ def test_uploads_go_in_batches_with_one_matrix_and_are_stored_as_sent(tmp_path: 
             # Another model starts a batch of its own (and the catalog refuses it).
             await uploader.add(search_pb2.Product(id="other"), vectors[7], "other-model")
             totals = await uploader.close()
-            stored = await client.vectors(["u0", "u6"])
+            stored = await stored_vectors(client, ["u0", "u6"])
         finally:
             await client.close()
         return totals, acknowledged, stored
@@ -63,4 +68,39 @@ def test_uploads_go_in_batches_with_one_matrix_and_are_stored_as_sent(tmp_path: 
         assert (product.name, product.year, product.model_id) == ("item 4", 2004, "test-model")
     finally:
         running.stop()
+        engine.close()
+
+
+def test_a_batch_waits_out_a_search_service_that_is_not_up_yet(tmp_path: Path) -> None:
+    """As while the service restarts: the batch is sent again until it is taken, within
+    retry_s (the indexer's --stall-s); past it, the run stops saying why."""
+    port = free_port()
+    engine = SearchEngine(Catalog.open(f"sqlite:///{tmp_path}/catalog.db"), tmp_path / "data")
+    engine.load()
+    vector = np.ones(DIM, np.float32) / np.sqrt(DIM)
+
+    async def upload(retry_s: float) -> tuple:
+        client = SearchClient(f"127.0.0.1:{port}", timeout_s=5, retry_s=retry_s)
+        uploader = Uploader(client, batch_size=1)
+        try:
+            await uploader.add(search_pb2.Product(id="late"), vector, "test-model")
+            return await uploader.close()
+        finally:
+            await client.close()
+
+    started = time.monotonic()
+    with pytest.raises(SearchUnavailable, match="did not take a batch of 1: UNAVAILABLE"):
+        asyncio.run(upload(retry_s=1))
+    assert time.monotonic() - started < 5
+
+    coming = threading.Timer(2.0, lambda: running.append(serve_engine(engine, port=port)))
+    running: list = []
+    coming.start()
+    try:
+        totals = asyncio.run(upload(retry_s=30))
+        assert totals.inserted == 1 and engine.get("late") is not None
+    finally:
+        coming.join()
+        for server in running:
+            server.stop()
         engine.close()

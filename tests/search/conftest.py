@@ -177,10 +177,11 @@ def serve_engine(
     encoders: tuple[str, ...] = (),
     timeout_s: float = 10.0,
     query_cache_size: int = SearchSettings.query_cache_size,
+    port: int = 0,
 ) -> RunningSearch:
-    """A real search server in-process on a free port, over a loaded engine; with encoders,
-    behind the query cache as in main (query_cache_size 0: none)."""
-    settings = SearchSettings(host="127.0.0.1", port=0, metrics_port=0, encoder=encoders)
+    """A real search server in-process on `port` (0: a free one), over a loaded engine; with
+    encoders, behind the query cache as in main (query_cache_size 0: none)."""
+    settings = SearchSettings(host="127.0.0.1", port=port, metrics_port=0, encoder=encoders)
 
     async def build():  # noqa: ANN202 - ServerThread's builder
         # As in main: the encoder pool's channels belong to the serving event loop.
