@@ -30,7 +30,7 @@ from indexer.sources import (
     fashion_catalog,
     folder_catalog,
 )
-from indexer.upload import Uploader, delete_products, stored_products, stored_vectors
+from indexer.upload import Uploader, delete_products, stored_products
 from vpm.v1 import search_pb2
 from vpm_common.encoder_client.encoder_pool import EncoderPool
 from vpm_common.search_client import SearchClient
@@ -241,11 +241,9 @@ async def _apply(
     try:
         await encoders.encode(indexing.jobs, indexing.encoded)
         plan = await producer
-        if plan.metadata_only:
-            vectors = await stored_vectors(search, [h.item.id for h in plan.metadata_only])
-            for hashed in plan.metadata_only:
-                await indexing.upload(hashed.item, hashed.sha256, vectors[hashed.item.id])
-            summary.metadata_updated = len(plan.metadata_only)
+        for hashed in plan.metadata_only:  # no vector: the service keeps the stored one
+            await indexing.upload(hashed.item, hashed.sha256, None)
+        summary.metadata_updated = len(plan.metadata_only)
         totals = await uploader.close()
     finally:
         producer.cancel()

@@ -52,20 +52,6 @@ async def stored_products(search: SearchClient) -> dict[str, Stored]:
     return await search.call(listing)
 
 
-async def stored_vectors(
-    search: SearchClient, ids: list[str], concurrency: int = 16
-) -> dict[str, np.ndarray]:
-    """Stored vectors of `ids` (for products whose metadata alone changed)."""
-    gate = asyncio.Semaphore(concurrency)
-
-    async def one(product_id: str) -> tuple[str, np.ndarray]:
-        async with gate:
-            product = await search.product(product_id, include_vector=True)
-            return product_id, np.asarray(product.vector, dtype=np.float32)
-
-    return dict(await asyncio.gather(*(one(product_id) for product_id in ids)))
-
-
 async def delete_products(search: SearchClient, ids: list[str], chunk: int = 1000) -> int:
     """Delete `ids`, `chunk` a call: how many were there."""
     deleted = 0
@@ -93,10 +79,16 @@ class Uploader:
         self._queue: asyncio.Queue[search_pb2.ProductBatch | None] = asyncio.Queue(maxsize=2)
         self._sender = asyncio.create_task(self._send_batches())
 
-    async def add(self, product: search_pb2.Product, vector: np.ndarray, model_id: str) -> None:
-        """Queue `product` (metadata only) with its `vector`, made by `model_id`."""
-        if self._batch.products and model_id != self._batch.model_id:
-            await self._hand_over()  # a batch names one model: vectors of another start the next
+    async def add(
+        self, product: search_pb2.Product, vector: np.ndarray | None, model_id: str
+    ) -> None:
+        """Queue `product` (metadata only) with its `vector`, made by `model_id`; without a
+        vector, the product is in the catalog and its metadata alone changes (the service
+        keeps its stored vector)."""
+        kind = (model_id, vector is None)
+        if self._batch.products and kind != (self._batch.model_id, self._batch.keeps_vectors):
+            # A batch names one model and carries a matrix or none: another starts the next.
+            await self._hand_over()
         self._batch.add(product, vector, model_id)
         if len(self._batch.products) >= self.batch_size:
             await self._hand_over()
@@ -139,13 +131,18 @@ class _Batch:
     products: list[search_pb2.Product] = field(default_factory=list)
     vectors: list[np.ndarray] = field(default_factory=list)
     model_id: str = ""
+    keeps_vectors: bool = False  # metadata only: no matrix, the stored vectors stay
 
-    def add(self, product: search_pb2.Product, vector: np.ndarray, model_id: str) -> None:
+    def add(self, product: search_pb2.Product, vector: np.ndarray | None, model_id: str) -> None:
         self.products.append(product)
-        self.vectors.append(vector)
+        self.keeps_vectors = vector is None
+        if vector is not None:
+            self.vectors.append(vector)
         self.model_id = model_id
 
     def message(self) -> search_pb2.ProductBatch:
+        if self.keeps_vectors:
+            return search_pb2.ProductBatch(products=self.products)
         return search_pb2.ProductBatch(
             products=self.products,
             vectors=pack(np.stack(self.vectors).astype(np.float32, copy=False)),

@@ -49,7 +49,9 @@ def query_options(query: SearchQuery) -> tuple[int, list[Term]]:
 
 
 def checked_items(items: list[UpsertItem], summary: UpsertSummary) -> list[UpsertItem]:
-    """Items that pass the checks, vectors normalized and image hashes set; failures recorded."""
+    """Items that pass the checks, vectors normalized and image hashes set; failures recorded.
+    An item with neither vector nor image passes as it is: whether its product is stored,
+    for its vector to be kept, is the engine's to say."""
     kept: list[UpsertItem] = []
     with_vectors: list[int] = []
     for item in items:
@@ -116,11 +118,11 @@ def _check_item(item: UpsertItem) -> UpsertItem:
     _check_id(item.product)
     _check_text(item.product)
     has_vector = item.vector is not None and len(item.vector) > 0
-    if has_vector == (item.image is not None):
-        raise InvalidArgument("vector, image: set exactly one of them")
-    if item.image is None:
+    if has_vector and item.image is not None:
+        raise InvalidArgument("vector, image: set one of them, not both")
+    if item.image is None:  # with a vector, or neither: metadata only (see the engine)
         _check_image_hash(item.product)
-        return item
+        return item if has_vector else UpsertItem(item.product)
     if not item.image:
         raise InvalidArgument("image: must not be empty")
     digest = hashlib.sha256(item.image).hexdigest()

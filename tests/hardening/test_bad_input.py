@@ -376,7 +376,7 @@ def _(s: Stack) -> object:
     )
 
 
-@case(SEARCH_CASES, "upsert: no vector and no image", "INVALID_ARGUMENT", "set exactly one of them")
+@case(SEARCH_CASES, "upsert: neither vector nor image, not stored", "INVALID_ARGUMENT", "only a")
 def _(s: Stack) -> object:
     return summary_status(upsert_one(s, search_pb2.Product(id="m4")))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.upload import SearchUnavailable, Uploader, stored_vectors
+from indexer.upload import SearchUnavailable, Uploader, UploadTotals
 from search_service.engine import SearchEngine
 from search_service.storage.catalog import Catalog
 from tests.search.conftest import serve_engine
@@ -49,7 +49,10 @@ def test_uploads_go_in_batches_with_one_matrix_and_are_stored_as_sent(tmp_path: 
             # Another model starts a batch of its own (and the catalog refuses it).
             await uploader.add(search_pb2.Product(id="other"), vectors[7], "other-model")
             totals = await uploader.close()
-            stored = await stored_vectors(client, ["u0", "u6"])
+            stored = {
+                i: np.asarray((await client.product(i, include_vector=True)).vector)
+                for i in ("u0", "u6")
+            }
         finally:
             await client.close()
         return totals, acknowledged, stored
@@ -103,4 +106,48 @@ def test_a_batch_waits_out_a_search_service_that_is_not_up_yet(tmp_path: Path) -
         coming.join()
         for server in running:
             server.stop()
+        engine.close()
+
+
+def test_metadata_alone_goes_without_vectors_and_the_stored_ones_stay(tmp_path: Path) -> None:
+    engine = SearchEngine(Catalog.open(f"sqlite:///{tmp_path}/catalog.db"), tmp_path / "data")
+    engine.load()
+    running = serve_engine(engine)
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((4, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    sent: list[tuple[int, bool]] = []
+    before: dict[int, np.ndarray] = {}
+
+    async def upload() -> UploadTotals:
+        client = SearchClient(running.thread.target, timeout_s=10)
+        upsert = client.upsert
+
+        async def counted(batch: search_pb2.ProductBatch) -> search_pb2.UpsertSummary:
+            sent.append((len(batch.products), batch.HasField("vectors")))
+            return await upsert(batch)
+
+        client.upsert = counted
+        uploader = Uploader(client, batch_size=10)
+        try:
+            for i, vector in enumerate(vectors):
+                await uploader.add(search_pb2.Product(id=f"m{i}"), vector, "test-model")
+            await uploader.close()
+            before.update({i: engine.get(f"m{i}", include_vector=True)[1] for i in (1, 2)})
+            uploader = Uploader(client, batch_size=10)
+            for i in (1, 2):  # renamed; their images did not change
+                await uploader.add(search_pb2.Product(id=f"m{i}", name="new"), None, "test-model")
+            return await uploader.close()
+        finally:
+            await client.close()
+
+    try:
+        totals = asyncio.run(upload())
+        assert sent == [(4, True), (2, False)]
+        assert (totals.inserted, totals.updated, totals.failures) == (0, 2, [])
+        for i in (1, 2):
+            product, vector = engine.get(f"m{i}", include_vector=True)
+            assert product.name == "new" and np.array_equal(vector, before[i])
+    finally:
+        running.stop()
         engine.close()

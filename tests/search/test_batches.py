@@ -225,7 +225,7 @@ def test_a_batch_without_a_matrix_carries_vectors_and_images(
     )
     summary = running.stub.UpsertProductBatches(iter([message]))
     assert (summary.inserted, summary.failed) == (2, 1)
-    assert failures(summary) == {"both": (3, "vector, image: set exactly one of them")}
+    assert failures(summary) == {"both": (3, "vector, image: set one of them, not both")}
     np.testing.assert_allclose(stored_vector(running, "v"), vector, atol=1e-6)
     np.testing.assert_allclose(
         stored_vector(running, "i"), fake_vector(b"image bytes", DIM), atol=1e-6

@@ -272,6 +272,49 @@ def test_query_checks_name_the_field(engine_10k: tuple) -> None:
         assert caught.value.message.startswith(message), (query, caught.value.message)
 
 
+NOT_STORED = (
+    "vector, image: set one of them (only a product in the catalog may come without, "
+    "to change its metadata and keep its vector)"
+)
+
+
+def test_a_product_sent_without_vector_or_image_changes_its_metadata_alone(
+    open_engine: OpenEngine, catalog_url: str
+) -> None:
+    """Neither vector nor image: the stored vector and model stay, exact, under the same key;
+    the index finds the product by that vector with its new metadata."""
+    engine = open_engine(catalog_url)
+    products, vectors = random_catalog(4, 4)
+    engine.upsert_products(products, vectors)
+    key, stored = engine.mirror.keys["p0"], engine.get("p0", include_vector=True)[1]
+
+    async def stream(items):
+        for item in items:
+            yield item
+
+    items = [
+        UpsertItem(dataclasses.replace(products[0], name="Renamed", model_id="")),
+        UpsertItem(dataclasses.replace(products[1], model_id="")),  # the same metadata
+        UpsertItem(Product(id="ghost", name="never stored")),
+        UpsertItem(dataclasses.replace(products[2], name="x", model_id="other")),
+    ]
+    summary = asyncio.run(engine.upsert(stream(items)))
+    assert (summary.inserted, summary.updated, summary.unchanged) == (0, 1, 1)
+    assert {f.id: (f.code, f.message) for f in summary.failures} == {
+        "ghost": (3, NOT_STORED),
+        "p2": (3, "model_id: 'other' but no vector; the stored vector is of model 'test-model'"),
+    }
+    product, vector = engine.get("p0", include_vector=True)
+    assert (product.name, product.model_id) == ("Renamed", "test-model")
+    assert engine.mirror.keys["p0"] == key
+    assert np.array_equal(vector, stored)
+    assert engine.get("p2")[0].name == products[2].name
+    with pytest.raises(NotFound):
+        engine.get("ghost")
+    [match] = asyncio.run(engine.search(SearchQuery(vector=vectors[0], top_k=1))).matches
+    assert (match.product.id, match.product.name) == ("p0", "Renamed")
+
+
 def test_upsert_stream_counts_each_outcome_and_last_duplicate_wins(
     open_engine: OpenEngine, catalog_url: str
 ) -> None:
@@ -302,8 +345,8 @@ def test_upsert_stream_counts_each_outcome_and_last_duplicate_wins(
     failures = {f.id: (f.code, f.message) for f in summary.failures}
     assert failures == {
         "": (3, "id: must be 1 to 256 characters, got 0"),
-        "both": (3, "vector, image: set exactly one of them"),
-        "neither": (3, "vector, image: set exactly one of them"),
+        "both": (3, "vector, image: set one of them, not both"),
+        "neither": (3, NOT_STORED),
         "nan": (3, "vector: value 0 is not finite (nan)"),
         "zero": (3, "vector: has zero norm"),
         "dim": (

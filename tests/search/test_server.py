@@ -250,7 +250,7 @@ def test_upsert_through_the_rpc(small: RunningSearch) -> None:
     summary = small.stub.UpsertProducts(stream())
     assert (summary.inserted, summary.updated, summary.unchanged, summary.failed) == (1, 1, 0, 3)
     failures = {f.id: (f.code, f.message) for f in summary.failures}
-    assert failures["both"] == (3, "vector, image: set exactly one of them")
+    assert failures["both"] == (3, "vector, image: set one of them, not both")
     assert failures["bad-dim"][0] == 9
     assert failures["p6"][0] == 14
     assert small.stub.GetProduct(search_pb2.GetProductRequest(id="p5")).name == "Renamed"
