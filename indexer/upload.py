@@ -1,16 +1,16 @@
 """The indexer's side of the search service: what the catalog holds, and batched uploads.
 
 Each UpsertProductBatches call carries one batch: the products' metadata and
-their vectors as one packed float32 matrix. Its summary is the service's
-acknowledgement that the batch is durable. Calls go through the one search
-client (vpm_common.search_client), which sends a batch again while the service
-restarts: upserts are idempotent by id.
+their vectors as one packed float32 matrix (or, for products whose metadata
+alone changed, no matrix: the service keeps their stored vectors). Its
+summary is the service's acknowledgement that the batch is durable. Calls go
+through the one search client (vpm_common.search_client), which sends a batch
+again while the service restarts: upserts are idempotent by id.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,8 +21,6 @@ from indexer.plan import METADATA_FIELDS, Stored
 from vpm.v1 import search_pb2
 from vpm_common.matrix import pack
 from vpm_common.search_client import SearchClient
-
-logger = logging.getLogger(__name__)
 
 
 class SearchUnavailable(RuntimeError):
