@@ -442,12 +442,13 @@ class SearchEngine:
 
     async def _prepare(
         self, batch: list[UpsertItem], summary: UpsertSummary
-    ) -> tuple[list[Product], list[np.ndarray]]:
-        """Check single items, skip unchanged images, fill model ids, give products sent
-        without vector or image their stored vector, encode images (failures noted): the
-        products that remain and their unit vectors."""
+    ) -> tuple[list[Product], list[np.ndarray | None]]:
+        """Check single items, skip unchanged images, fill model ids, encode images
+        (failures noted): the products that remain and their unit vectors, None for a
+        product sent with neither vector nor image (its stored vector stays; see
+        Catalog.upsert)."""
         products: list[Product] = []
-        vectors: list[np.ndarray] = []
+        vectors: list[np.ndarray | None] = []
         images: list[tuple[Product, bytes]] = []
         metadata_only: list[Product] = []
         for item in checked_items(batch, summary):
@@ -463,53 +464,14 @@ class SearchEngine:
                 vectors.append(item.vector)
         products, kept = await self._with_encoder_model(products, summary)
         vectors = [vectors[i] for i in kept]
-        if metadata_only:
-            for product, vector in await asyncio.to_thread(
-                self._stored_vectors, metadata_only, summary
-            ):
-                products.append(product)
-                vectors.append(vector)
+        for product in metadata_only:  # the commit keeps the stored vector, or fails it
+            products.append(product)
+            vectors.append(None)
         if images:
             for product, vector in await self._encode(images, summary):
                 products.append(product)
                 vectors.append(vector)
         return products, vectors
-
-    def _stored_vectors(
-        self, products: list[Product], summary: UpsertSummary
-    ) -> list[tuple[Product, np.ndarray]]:
-        """Products sent without vector or image, each with its stored vector and model (read
-        from the catalog: exact, as stored); those not in the catalog, or naming another
-        model than their stored vector's, fail (noted in `summary`)."""
-        mirror = self.mirror
-        found: list[tuple[Product, int]] = []
-        with mirror.lock.read():
-            for product in products:
-                key = mirror.keys.get(product.id)
-                stored = mirror.records.get(key) if key is not None else None
-                if stored is None:
-                    error = InvalidArgument(
-                        "vector, image: set one of them (only a product in the catalog may "
-                        "come without, to change its metadata and keep its vector)"
-                    )
-                elif product.model_id and product.model_id != stored.model_id:
-                    error = InvalidArgument(
-                        f"model_id: {product.model_id!r} but no vector; the stored vector is "
-                        f"of model {stored.model_id!r}"
-                    )
-                else:
-                    found.append((dataclasses.replace(product, model_id=stored.model_id), key))
-                    continue
-                summary.failures.append(ItemFailure(product.id, error.code, error.message))
-        vectors = self.catalog.vectors_of([key for _product, key in found])
-        kept = []
-        for product, key in found:
-            if key in vectors:  # deleted meanwhile: then as if never stored
-                kept.append((product, vectors[key]))
-            else:
-                error = InvalidArgument("vector, image: set one of them (the product is gone)")
-                summary.failures.append(ItemFailure(product.id, error.code, error.message))
-        return kept
 
     async def _prepare_vectors(
         self, batch: VectorBatch, summary: UpsertSummary

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -29,7 +29,7 @@ from search_service.migrate import upgrade_to_head
 from search_service.models import METADATA_FIELDS, Product
 from search_service.storage.schema import catalog_state, deletions, products
 from search_service.vectors import STORED, check_model, from_bytes, to_bytes
-from vpm_common.errors import FailedPrecondition, Unavailable
+from vpm_common.errors import FailedPrecondition, InvalidArgument, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -70,19 +70,21 @@ class Outcome(NamedTuple):
     kind: str
     key: int = -1
     vector_changed: bool = False
-    error: FailedPrecondition | None = None
+    error: FailedPrecondition | InvalidArgument | None = None
 
 
 class Rows:
-    """(product, unit vector) pairs with distinct ids and their catalog rows, for `Catalog.upsert`.
+    """(product, unit vector) pairs with distinct ids and their catalog rows, for `Catalog.upsert`
+    (a vector of None keeps the stored one).
 
     Built apart from the write so that a caller can build the next batch's rows
     while one is written: what only the transaction knows (the key and the
-    version) is added there.
+    version; for a vector of None, the stored vector and model, the item's
+    product then replaced by one naming that model) is added there.
     """
 
     def __init__(
-        self, items: Iterable[tuple[Product, np.ndarray]], matrix: np.ndarray | None = None
+        self, items: Iterable[tuple[Product, np.ndarray | None]], matrix: np.ndarray | None = None
     ) -> None:
         self.items = list(items)
         self.values = [row_values(product, vector) for product, vector in self.items]
@@ -377,6 +379,9 @@ class Catalog:
     ) -> UpsertWrite:
         """Insert or replace (product, unit vector) pairs, distinct ids, in one transaction.
 
+        A vector of None keeps the stored one (the product's metadata alone changes); a
+        product not stored then fails alone (INVALID_ARGUMENT).
+
         A product whose model or dimension differs from the catalog's fails alone
         (FAILED_PRECONDITION); an empty catalog takes the model of its first product.
         `durable=False`: the commit may return before it is on disk (SQLite at
@@ -396,23 +401,28 @@ class Catalog:
         with conn.begin() as transaction:
             state = _bump_version(conn)
             version, model, dim = state.version, state.model_id, state.dim
-            if rows.items:
-                first, vector = rows.items[0]
-                differs = (model, dim) != (first.model_id, vector.size)
+            first = next(((p, v) for p, v in rows.items if v is not None), None)
+            if first is not None:
+                product, vector = first
+                differs = (model, dim) != (product.model_id, vector.size)
                 if differs and (model is None or _is_empty(conn)):
-                    model, dim = first.model_id, int(vector.size)
+                    model, dim = product.model_id, int(vector.size)
             existing = _rows_by_id(conn, ids)
             inserts: list[tuple] = []
             updates: list[tuple] = []
             outcomes = []
             next_key = _next_key(conn)
-            for (product, vector), row in zip(rows.items, rows.values, strict=True):
+            for i, ((product, vector), row) in enumerate(zip(rows.items, rows.values, strict=True)):
+                old = existing.get(product.id)
                 try:
-                    check_model(product.model_id, int(vector.size), model, dim)
-                except FailedPrecondition as err:
+                    if vector is None:  # metadata only: the stored vector and model stay
+                        row, product = _keeping_vector(product, row, old)
+                        rows.items[i] = (product, None)  # as stored, for the caller's mirror
+                    else:
+                        check_model(product.model_id, int(vector.size), model, dim)
+                except (FailedPrecondition, InvalidArgument) as err:
                     outcomes.append(Outcome("failed", error=err))
                     continue
-                old = existing.get(product.id)
                 if old is None:
                     inserts.append((next_key, *row, version))
                     outcomes.append(Outcome("inserted", next_key, True))
@@ -683,10 +693,30 @@ _OLD_CONTENT = slice(2, 2 + len(CONTENT_COLUMNS))  # the same within a selected 
 _VECTOR = ROW_COLUMNS.index("vector")
 assert ROW_COLUMNS[_CONTENT] == list(CONTENT_COLUMNS), "products columns moved: update row_values"
 assert ROW_COLUMNS[-1] == "version", "products columns moved: Catalog.upsert appends the version"
+assert ROW_COLUMNS[_VECTOR - 1] == "model_id", "products columns moved: see _keeping_vector"
 
 
-def row_values(product: Product, vector: np.ndarray) -> tuple:
-    """A row's values in ROW_COLUMNS order but the last (`version`), as the driver takes them."""
+NOT_STORED = (
+    "vector, image: set one of them (only a product in the catalog may come without, "
+    "to change its metadata and keep its vector)"
+)
+
+
+def _keeping_vector(product: Product, row: tuple, old: sa.Row | None) -> tuple[tuple, Product]:
+    """The row and product of a metadata-only upsert: the stored vector and model kept."""
+    if old is None:
+        raise InvalidArgument(NOT_STORED)
+    if product.model_id and product.model_id != old.model_id:
+        raise InvalidArgument(
+            f"model_id: {product.model_id!r} but no vector; the stored vector is of model "
+            f"{old.model_id!r}"
+        )
+    return (*row[: _VECTOR - 1], old.model_id, old.vector), replace(product, model_id=old.model_id)
+
+
+def row_values(product: Product, vector: np.ndarray | None) -> tuple:
+    """A row's values in ROW_COLUMNS order but the last (`version`), as the driver takes them
+    (the vector None when the stored one stays: Catalog.upsert fills it in)."""
     attributes = product.attributes
     return (
         product.id,
@@ -703,7 +733,7 @@ def row_values(product: Product, vector: np.ndarray) -> tuple:
         json.dumps(dict(sorted(attributes.items()))) if attributes else "{}",
         product.image_sha256,
         product.model_id,
-        to_bytes(vector),
+        None if vector is None else to_bytes(vector),  # None: the stored one (see upsert)
     )
 
 

@@ -297,9 +297,12 @@ def test_a_product_sent_without_vector_or_image_changes_its_metadata_alone(
         UpsertItem(dataclasses.replace(products[1], model_id="")),  # the same metadata
         UpsertItem(Product(id="ghost", name="never stored")),
         UpsertItem(dataclasses.replace(products[2], name="x", model_id="other")),
+        # Inserted, then renamed in the same stream: applied in order, as any repeat.
+        UpsertItem(Product(id="fresh", model_id="test-model"), vectors[3]),
+        UpsertItem(Product(id="fresh", name="named later")),
     ]
     summary = asyncio.run(engine.upsert(stream(items)))
-    assert (summary.inserted, summary.updated, summary.unchanged) == (0, 1, 1)
+    assert (summary.inserted, summary.updated, summary.unchanged) == (1, 2, 1)
     assert {f.id: (f.code, f.message) for f in summary.failures} == {
         "ghost": (3, NOT_STORED),
         "p2": (3, "model_id: 'other' but no vector; the stored vector is of model 'test-model'"),
@@ -309,6 +312,9 @@ def test_a_product_sent_without_vector_or_image_changes_its_metadata_alone(
     assert engine.mirror.keys["p0"] == key
     assert np.array_equal(vector, stored)
     assert engine.get("p2")[0].name == products[2].name
+    fresh, fresh_vector = engine.get("fresh", include_vector=True)
+    assert (fresh.name, fresh.model_id) == ("named later", "test-model")
+    np.testing.assert_allclose(fresh_vector, vectors[3], atol=1e-6)
     with pytest.raises(NotFound):
         engine.get("ghost")
     [match] = asyncio.run(engine.search(SearchQuery(vector=vectors[0], top_k=1))).matches

@@ -120,6 +120,24 @@ def test_upsert_classifies_and_stores_exact_vectors(
     assert catalog.count() == 300
 
 
+def test_a_vector_of_none_keeps_the_stored_vector_and_model(
+    catalog_url: str, open_catalog: OpenCatalog
+) -> None:
+    catalog = open_catalog(catalog_url)
+    products, vectors = random_catalog(3, 8)
+    catalog.upsert(pairs(products, vectors))
+    renamed = dataclasses.replace(products[0], name="Renamed", model_id="")
+    rows = catalog_module.Rows([(renamed, None), (Product(id="ghost"), None), (products[1], None)])
+    write = catalog.upsert(rows)
+    assert [o.kind for o in write.outcomes] == ["updated", "failed", "unchanged"]
+    assert write.outcomes[0].vector_changed is False
+    assert write.outcomes[1].error.message == catalog_module.NOT_STORED
+    assert rows.items[0][0].model_id == "test-model"  # for the mirror: the stored model
+    _, product, vector = catalog.get("p0", include_vector=True)
+    assert (product.name, product.model_id) == ("Renamed", "test-model")
+    assert np.array_equal(vector, vectors[0])
+
+
 ODD_IDS = ['a"b', "back\\slash", "tab\tid", "é-ünï", "日本", "[1]", "null", " spaced "]
 
 
