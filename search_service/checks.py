@@ -51,7 +51,7 @@ def query_options(query: SearchQuery) -> tuple[int, list[Term]]:
 def checked_items(items: list[UpsertItem], summary: UpsertSummary) -> list[UpsertItem]:
     """Items that pass the checks, vectors normalized and image hashes set; failures recorded.
     An item with neither vector nor image passes as it is: whether its product is stored,
-    for its vector to be kept, is the engine's to say."""
+    for its vector to be kept, is the commit's to say (Catalog.upsert)."""
     kept: list[UpsertItem] = []
     with_vectors: list[int] = []
     for item in items:
@@ -120,7 +120,7 @@ def _check_item(item: UpsertItem) -> UpsertItem:
     has_vector = item.vector is not None and len(item.vector) > 0
     if has_vector and item.image is not None:
         raise InvalidArgument("vector, image: set one of them, not both")
-    if item.image is None:  # with a vector, or neither: metadata only (see the engine)
+    if item.image is None:  # with a vector, or neither: metadata only (see Catalog.upsert)
         _check_image_hash(item.product)
         return item if has_vector else UpsertItem(item.product)
     if not item.image:
