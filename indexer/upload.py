@@ -41,10 +41,11 @@ async def stored_products(search: SearchClient) -> dict[str, Stored]:
 
     async def listing() -> dict[str, Stored]:
         stored = {}
-        async for product in search.products():
-            stored[product.id] = Stored(
-                product.image_sha256, product.model_id, metadata_of(product)
-            )
+        async for batch in search.product_batches():
+            for product in batch.products:
+                stored[product.id] = Stored(
+                    product.image_sha256, product.model_id, metadata_of(product)
+                )
         return stored
 
     return await search.call(listing)

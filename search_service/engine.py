@@ -77,6 +77,9 @@ QUERY_KINDS = ("image", "text", "product_id", "vector")
 # service CPU than such a search (issue 17's query figures in BENCHMARKS.md). Longer ones
 # keep the loop free (see InlineSearches).
 INLINE_SEARCH_S = 500e-6
+# Products a page of a listing: one ListProductBatches message (~2 MB with 512-d vectors,
+# under gRPC's default 4 MB a message that other clients receive).
+LIST_PAGE = 1000
 
 T = TypeVar("T")
 
@@ -285,15 +288,23 @@ class SearchEngine:
     async def list_products(
         self, include_vectors: bool = False
     ) -> AsyncIterator[tuple[Product, np.ndarray | None]]:
-        """Every catalog product (and vector, when asked), read page by page in a worker thread."""
+        """Every catalog product (and vector, when asked), one at a time."""
+        async for page in self.product_pages(include_vectors):
+            for product, vector in page:
+                yield product, vector
+
+    async def product_pages(
+        self, include_vectors: bool = False
+    ) -> AsyncIterator[list[tuple[Product, np.ndarray | None]]]:
+        """Every catalog product (and vector, when asked), a page of LIST_PAGE at a time,
+        each read in a worker thread."""
         self._require_loaded()
-        pages = _pages(self.catalog.products(include_vectors), 1000)
+        pages = _pages(self.catalog.products(include_vectors), LIST_PAGE)
         while True:
             page = await asyncio.to_thread(next, pages, None)
             if page is None:
                 return
-            for _key, product, vector in page:
-                yield product, vector
+            yield [(product, vector) for _key, product, vector in page]
 
     async def stats(self) -> Stats:
         encoders = await self.embedder.states()

@@ -77,11 +77,14 @@ class SearchClient:
         request = search_pb2.GetProductRequest(id=product_id, include_vector=include_vector)
         return await self.call(lambda: self.stub.GetProduct(request, timeout=self.timeout_s))
 
-    def products(self, include_vectors: bool = False) -> AsyncIterator[search_pb2.Product]:
-        """Every product, streamed (ListProducts), under a deadline of ten calls' time; not
-        retried here, since part of it may have arrived (retry the whole with `call`)."""
+    def product_batches(
+        self, include_vectors: bool = False
+    ) -> AsyncIterator[search_pb2.ProductBatch]:
+        """Every product, a page a message (ListProductBatches), under a deadline of ten
+        calls' time; not retried here, since part of it may have arrived (retry the whole
+        with `call`)."""
         request = search_pb2.ListProductsRequest(include_vectors=include_vectors)
-        return self.stub.ListProducts(request, timeout=self.timeout_s * 10)
+        return self.stub.ListProductBatches(request, timeout=self.timeout_s * 10)
 
     async def delete(self, ids: Sequence[str]) -> search_pb2.DeleteProductsResponse:
         request = search_pb2.DeleteProductsRequest(ids=ids)

@@ -24,7 +24,7 @@ from search_service.models import (
 )
 from vpm.v1 import search_pb2
 from vpm_common.errors import InvalidArgument
-from vpm_common.matrix import unpack
+from vpm_common.matrix import pack, unpack
 
 
 def search_query(request: search_pb2.SearchRequest) -> SearchQuery:
@@ -151,6 +151,14 @@ def product_message(item: Product, vector: np.ndarray | None = None) -> search_p
     if vector is not None:
         message.vector.extend(vector.tolist())
     return message
+
+
+def product_batch(page: list[tuple[Product, np.ndarray | None]]) -> search_pb2.ProductBatch:
+    """A page of a listing: the products, and their vectors as one matrix when read."""
+    batch = search_pb2.ProductBatch(products=[product_message(product) for product, _ in page])
+    if page and page[0][1] is not None:
+        batch.vectors.CopyFrom(pack(np.stack([vector for _, vector in page])))
+    return batch
 
 
 def upsert_summary(summary: UpsertSummary) -> search_pb2.UpsertSummary:

@@ -80,6 +80,14 @@ class SearchServicer(search_pb2_grpc.SearchServicer):
 
     @observed
     @rpc_boundary
+    async def ListProductBatches(
+        self, request: search_pb2.ListProductsRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[search_pb2.ProductBatch]:
+        async for page in self.engine.product_pages(request.include_vectors):
+            yield convert.product_batch(page)
+
+    @observed
+    @rpc_boundary
     async def GetStats(
         self, request: search_pb2.GetStatsRequest, context: aio.ServicerContext
     ) -> search_pb2.Stats:

@@ -10,6 +10,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
+from search_service import engine as engine_module
 from search_service.engine import SearchEngine
 from search_service.storage.catalog import Catalog
 from tests.search.conftest import (
@@ -233,6 +234,35 @@ def test_product_reads_and_deletes(small: RunningSearch) -> None:
     some = stub.ListProducts(search_pb2.ListProductsRequest(include_vectors=True))
     first = next(iter(some))
     assert len(first.vector) == DIM
+
+
+def test_products_listed_in_batches_are_those_listed_one_by_one(
+    small: RunningSearch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ListProductBatches: the products ListProducts streams one by one, a page a message,
+    and their vectors as one matrix when asked, read by the documented layout with numpy."""
+    monkeypatch.setattr(engine_module, "LIST_PAGE", 300)
+    request = search_pb2.ListProductsRequest()
+    one_by_one = {product.id: product for product in small.stub.ListProducts(request)}
+    batches = list(small.stub.ListProductBatches(request))
+    assert [len(batch.products) for batch in batches] == [300, 300, 300, 100]
+    assert not any(batch.HasField("vectors") for batch in batches)
+    listed = [product for batch in batches for product in batch.products]
+    assert len(listed) == len(one_by_one) and {p.id: p for p in listed} == one_by_one
+    request.include_vectors = True
+    rows = 0
+    for batch in small.stub.ListProductBatches(request):
+        matrix = batch.vectors
+        assert (matrix.rows, matrix.dim) == (len(batch.products), DIM)
+        vectors = np.frombuffer(matrix.data, "<f4").reshape(matrix.rows, matrix.dim)
+        for product, vector in zip(batch.products, vectors, strict=True):
+            assert not product.vector
+            stored = np.array(small.stub.GetProduct(
+                search_pb2.GetProductRequest(id=product.id, include_vector=True)
+            ).vector, np.float32)  # fmt: skip
+            assert np.array_equal(vector, stored)
+        rows += matrix.rows
+    assert rows == len(one_by_one)
 
 
 def test_upsert_through_the_rpc(small: RunningSearch) -> None:
