@@ -20,13 +20,10 @@ processes share the cores: the CPU each one used is printed too.
 
 from __future__ import annotations
 
-import json
 import math
 import multiprocessing
 import os
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +32,8 @@ from typing import Any
 import grpc
 
 from bench.common import median, process_cpu_s, record, table, verdict, write_catalog
-from tests.support import ROOT, ServiceProcess, free_port
+from bench.gpu.gpu_service import run_indexer
+from tests.support import ServiceProcess, free_port
 from vpm.v1 import search_pb2, search_pb2_grpc
 
 MODEL = "VPM-Tiny"
@@ -100,21 +98,6 @@ def encoders_alone(
     return {"seconds": seconds, "images_per_s": IMAGES / seconds, "encoder_cpu_s": sum(cpu)}
 
 
-def run_indexer(catalog: Path, targets: list[str], search_target: str, summary: Path) -> float:
-    """Seconds of one `python -m indexer` run to its exit (process start included)."""
-    begin = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "indexer", "--styles", str(catalog / "styles.csv"),
-         "--images", str(catalog / "images"), "--progress", "off", "--log-level", "WARNING",
-         "--encoder", ",".join(targets), "--search", search_target,
-         "--summary-json", str(summary)],
-        cwd=ROOT, capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if done.returncode != 0:
-        raise RuntimeError(f"indexer exited {done.returncode}: {done.stderr[-2000:]}")
-    return time.perf_counter() - begin
-
-
 def indexer(
     catalog: Path,
     work: Path,
@@ -130,29 +113,29 @@ def indexer(
         summary_path = work / f"{name}.json"
         cpu = [process_cpu_s(p.process.pid) for p in [*encoders, search]]
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
-        wall = run_indexer(catalog, targets, search_target, summary_path)
+        run = run_indexer(catalog, targets, search_target, summary_path, 0, TIMEOUT_S)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = [
             process_cpu_s(p.process.pid) - c for p, c in zip([*encoders, search], cpu, strict=True)
         ]
-        summary = json.loads(summary_path.read_text())
         stub = search_pb2_grpc.SearchStub(grpc.insecure_channel(search_target))
         stored = stub.GetStats(search_pb2.GetStatsRequest(), timeout=30).products
         found = stub.Search(search_pb2.SearchRequest(product_id="7", top_k=3), timeout=30)
-        if summary["encoded"] != IMAGES or stored != IMAGES or not found.matches:
+        if run["encoded"] != IMAGES or stored != IMAGES or not found.matches:
             raise RuntimeError(
-                f"indexer: encoded {summary['encoded']}, stored {stored} of {IMAGES}, "
-                f"{len(found.matches)} matches for product 7; failed {summary['failed'][:3]}"
+                f"indexer: encoded {run['encoded']}, stored {stored} of {IMAGES}, "
+                f"{len(found.matches)} matches for product 7; {run['failed']} failed, "
+                f"first {run['first_failure']}"
             )
         figures = {
-            "images_per_s": summary["images_per_s"],
-            "elapsed_s": summary["elapsed_s"],
-            "wall_s": wall,
+            "images_per_s": run["images_per_s"],
+            "elapsed_s": run["elapsed_s"],
+            "wall_s": run["wall_s"],
             "encoder_cpu_s": sum(cpu[:-1]),
             "search_cpu_s": cpu[-1],
             "indexer_cpu_s": (after.ru_utime + after.ru_stime)
             - (children.ru_utime + children.ru_stime),
-            "spread": summary["encoder_spread"],
+            "spread": run["spread"],
         }
         if reruns:
             figures["reruns"] = rerun(catalog, work, targets, search_target, stub)
@@ -166,19 +149,17 @@ def rerun(
 ) -> dict[str, float]:
     """Seconds of the indexer over the catalog it indexed: unchanged, then every name changed."""
     summary_path = work / "rerun.json"
-    unchanged_s = run_indexer(catalog, targets, search_target, summary_path)
-    summary = json.loads(summary_path.read_text())
-    if summary["skipped_unchanged"] != IMAGES or summary["encoded"]:
-        raise RuntimeError(f"rerun, nothing changed: {summary}")
+    unchanged = run_indexer(catalog, targets, search_target, summary_path, 0, TIMEOUT_S)
+    if unchanged["skipped_unchanged"] != IMAGES or unchanged["encoded"]:
+        raise RuntimeError(f"rerun, nothing changed: {unchanged}")
     styles = catalog / "styles.csv"
     styles.write_text(styles.read_text().replace(",Product ", ",Renamed product "))
-    renamed_s = run_indexer(catalog, targets, search_target, summary_path)
-    summary = json.loads(summary_path.read_text())
-    renamed = stub.GetProduct(search_pb2.GetProductRequest(id="7"), timeout=30).name
+    renamed = run_indexer(catalog, targets, search_target, summary_path, 0, TIMEOUT_S)
+    name = stub.GetProduct(search_pb2.GetProductRequest(id="7"), timeout=30).name
     expected = (IMAGES, 0, "Renamed product 7")
-    if (summary["metadata_updated"], summary["encoded"], renamed) != expected:
-        raise RuntimeError(f"rerun, names changed: {summary}; product 7 is named {renamed!r}")
-    return {"unchanged_s": unchanged_s, "renamed_s": renamed_s}
+    if (renamed["metadata_updated"], renamed["encoded"], name) != expected:
+        raise RuntimeError(f"rerun, names changed: {renamed}; product 7 is named {name!r}")
+    return {"unchanged_s": unchanged["wall_s"], "renamed_s": renamed["wall_s"]}
 
 
 def run() -> dict[str, Any]:

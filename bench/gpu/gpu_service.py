@@ -212,6 +212,8 @@ def run_indexer(
         "elapsed_s": report["elapsed_s"],
         "images_per_s": report["images_per_s"],
         "encoded": report["encoded"],
+        "skipped_unchanged": report["skipped_unchanged"],
+        "metadata_updated": report["metadata_updated"],
         "failed": len(report["failed"]),
         "first_failure": report["failed"][0] if report["failed"] else None,
         "spread": report["encoder_spread"],
