@@ -73,6 +73,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_until(
+    condition: Callable[[], bool], timeout_s: float = 30, every_s: float = 0.05
+) -> float:
+    """Seconds until `condition()` held, polled every `every_s`; fails after `timeout_s`."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout_s, f"condition not met in {timeout_s} s"
+        time.sleep(every_s)
+    return time.monotonic() - started
+
+
 def call_all(fn: Callable[..., Any], args: list[Any], threads: int) -> list[Any]:
     """Call fn(arg) for every arg from `threads` threads at once; results in order."""
     from concurrent.futures import ThreadPoolExecutor

@@ -23,6 +23,7 @@ from tests.support import (
     free_port,
     start_encoder_process,
     start_search_process,
+    wait_until,
 )
 from vpm.v1 import search_pb2, search_pb2_grpc
 
@@ -153,14 +154,6 @@ def test_a_prune_that_would_empty_the_catalog_is_refused(stack: Stack, tmp_path:
     assert len(catalog_ids(stack)) == 10
 
 
-def wait_until(condition, timeout_s: float = 120, every_s: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
-        time.sleep(every_s)
-
-
 def count(stack: Stack) -> int:
     return stack.stub.GetStats(search_pb2.GetStatsRequest(), timeout=10).products
 
@@ -174,7 +167,7 @@ def test_an_indexer_killed_mid_run_finishes_on_the_next_run(stack: Stack, tmp_pa
          "--batch-size", "10"],
         tmp_path / "indexer.log",
     )  # fmt: skip
-    wait_until(lambda: count(stack) >= 20)
+    wait_until(lambda: count(stack) >= 20, timeout_s=120)
     indexer.kill()
     partial = count(stack)
     assert 0 < partial < 300, f"kill came too late ({partial}); the test proves nothing"
@@ -195,7 +188,7 @@ def test_an_encoder_killed_mid_run_loses_nothing(stack: Stack, tmp_path: Path) -
          "--batch-size", "10", "--summary-json", str(tmp_path / "summary.json")],
         tmp_path / "indexer.log",
     )  # fmt: skip
-    wait_until(lambda: count(stack) >= 20)
+    wait_until(lambda: count(stack) >= 20, timeout_s=120)
     stack.encoders[0].kill()
     assert count(stack) < 300, "kill came too late; the test proves nothing"
     assert indexer.process.wait(300) == 0, indexer.output

@@ -11,7 +11,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests import images
-from tests.support import ServiceProcess, free_port, start_encoder_process, start_search_process
+from tests.support import (
+    ServiceProcess,
+    free_port,
+    start_encoder_process,
+    start_search_process,
+    wait_until,
+)
 from vpm.v1 import search_pb2, search_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -70,13 +76,6 @@ class Encoder:
         return images_encoded(self.metrics_port)
 
 
-def wait_until(condition, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
-
-
 def test_indexing_shares_encoders_survives_a_kill_and_returns_to_a_restarted_one(
     tmp_path: Path, model_cache: Path
 ) -> None:
@@ -95,14 +94,15 @@ def test_indexing_shares_encoders_survives_a_kill_and_returns_to_a_restarted_one
         # A fair share while both run (counted after both streams are warm): each
         # encoder pulls images as fast as it frees window slots, so on a quiet
         # machine the split is about even; a loaded one skews it a little.
-        wait_until(lambda: first.encoded() + second.encoded() >= 100)
+        wait_until(lambda: first.encoded() + second.encoded() >= 100, timeout_s=120)
         start = first.encoded(), second.encoded()
-        wait_until(lambda: first.encoded() + second.encoded() >= sum(start) + 400)
+        wait_until(lambda: first.encoded() + second.encoded() >= sum(start) + 400, timeout_s=120)
         shares = first.encoded() - start[0], second.encoded() - start[1]
         assert min(shares) >= 0.25 * sum(shares), shares
         first.process.kill()
         after_kill = second.encoded()
-        wait_until(lambda: second.encoded() >= after_kill + 40)  # the run goes on without it
+        # The run goes on without it.
+        wait_until(lambda: second.encoded() >= after_kill + 40, timeout_s=120)
         first.start()  # same port, a fresh process
         wait_until(
             lambda: first.encoded() >= 20 or indexer.process.poll() is not None, timeout_s=60

@@ -9,19 +9,12 @@ import grpc
 import pytest
 
 from tests import images
-from tests.support import free_port, start_search_process
+from tests.support import free_port, start_search_process, wait_until
 from vpm.v1 import encoder_pb2, encoder_pb2_grpc, search_pb2, search_pb2_grpc
 
 
 def counter(metric, *labels: str) -> float:
     return metric.labels(*labels)._value.get()
-
-
-def wait_for(condition, timeout_s: float = 10) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def test_a_cancelled_stream_stops_costing_inference(make_encoder) -> None:
@@ -34,10 +27,10 @@ def test_a_cancelled_stream_stops_costing_inference(make_encoder) -> None:
         encoder_pb2.ImageItem(id=str(i), data=images.jpeg(64, 64, seed=i)) for i in range(10)
     ]
     call = stub.EncodeImages(iter(requests), timeout=60)
-    wait_for(lambda: app.engine.in_flight() == 10)
+    wait_until(lambda: app.engine.in_flight() == 10)
     call.cancel()
     # Dropped when their batch comes up (after the 3 s wait), before any inference.
-    wait_for(lambda: counter(metrics.dropped_items, "image", "cancelled") == 10)
+    wait_until(lambda: counter(metrics.dropped_items, "image", "cancelled") == 10)
     assert app.engine.in_flight() == 0
     assert counter(metrics.items, "image") == encoded  # none of them reached the model
 
@@ -61,7 +54,7 @@ def test_a_search_whose_caller_left_does_not_cost_an_encoding(make_encoder, tmp_
         with pytest.raises(grpc.RpcError) as caught:
             stub.Search(search_pb2.SearchRequest(image=images.jpeg(64, 64, seed=5)), timeout=0.5)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        wait_for(lambda: gone() == 1)  # dropped when its batch came up, never run
+        wait_until(lambda: gone() == 1)  # dropped when its batch came up, never run
         assert app.engine.in_flight() == 0 and counter(metrics.items, "image") == encoded
     finally:
         search.stop()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.support import free_port
+from tests.support import free_port, wait_until
 from vpm.v1 import search_pb2, search_pb2_grpc, vectors_pb2
 
 pytestmark = pytest.mark.slow
@@ -257,15 +257,6 @@ def test_a_corrupt_snapshot_is_rebuilt_at_start(
     assert again.stop() == 0
 
 
-def wait_for(condition: Callable[[], bool], timeout_s: float = 30) -> float:
-    """Seconds until `condition()` held, polled every 20 ms; fails after `timeout_s`."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout_s, "condition never held"
-        time.sleep(0.02)
-    return time.monotonic() - started
-
-
 def has_product(service: Service, product_id: str) -> bool:
     """GetProduct and a Search by product_id both find it (NOT_FOUND: not yet, or no more)."""
     try:
@@ -287,14 +278,14 @@ def test_two_processes_sharing_postgresql_stay_in_step(
     b.wait_serving()
 
     assert a.stub.UpsertProducts(iter(products_of_call(0))).inserted == 200
-    delay = wait_for(lambda: has_product(b, "c0-199"))
+    delay = wait_until(lambda: has_product(b, "c0-199"))
     assert delay < 5, f"an upsert through A reached B after {delay:.2f}s"
     assert all(has_product(b, f"c0-{j}") for j in range(0, 200, 20))
     query = search_pb2.SearchRequest(vector=search_pb2.Vector(values=[1.0] * DIM), top_k=20)
     assert a.stub.Search(query) == b.stub.Search(query)
 
     b.stub.DeleteProducts(search_pb2.DeleteProductsRequest(ids=["c0-7", "c0-8"]))
-    delay = wait_for(lambda: not has_product(a, "c0-8"))
+    delay = wait_until(lambda: not has_product(a, "c0-8"))
     assert delay < 5, f"a deletion through B reached A after {delay:.2f}s"
     assert not has_product(a, "c0-7")
     assert "caught up from catalog version 0 to 1: 200 products changed, 0 deleted" in (
