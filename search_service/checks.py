@@ -43,8 +43,11 @@ def query_options(query: SearchQuery) -> tuple[int, list[Term]]:
             f"offset: offset + top_k must be at most {MAX_RESULT_WINDOW}, "
             f"got {query.offset + top_k}"
         )
-    if query.min_score is not None and not np.isfinite(query.min_score):
-        raise InvalidArgument(f"min_score: must be a finite number, got {query.min_score}")
+    if query.min_score is not None and not -1.0 <= query.min_score <= 1.0:
+        # A score is a cosine: above 1 nothing would ever match, below -1 the filter is void.
+        raise InvalidArgument(
+            f"min_score: must be a number from -1 to 1 (a cosine), got {query.min_score}"
+        )
     return top_k, parse_filters(query.filters)
 
 

@@ -323,9 +323,14 @@ def _(s: Stack) -> object:
     return search(s, product_id="p1", offset=-5)
 
 
-@case(SEARCH_CASES, "min_score NaN", "INVALID_ARGUMENT", "min_score: must be a finite number")
+@case(SEARCH_CASES, "min_score NaN", "INVALID_ARGUMENT", "min_score: must be a number from -1")
 def _(s: Stack) -> object:
     return search(s, product_id="p1", min_score=math.nan)
+
+
+@case(SEARCH_CASES, "min_score above 1", "INVALID_ARGUMENT", "min_score: must be a number from -1")
+def _(s: Stack) -> object:
+    return search(s, product_id="p1", min_score=1.5)
 
 
 @case(SEARCH_CASES, "metadata that is not UTF-8", "INVALID_ARGUMENT", "not a valid message")

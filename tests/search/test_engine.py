@@ -265,6 +265,7 @@ def test_query_checks_name_the_field(engine_10k: tuple) -> None:
         ({"image": b"jpeg"}, Unavailable, "image: no encoder is configured (--encoder)"),
         ({"vector": vectors[0], "filters": {"colour": "x"}}, InvalidArgument, "filters: unknown"),
         ({"vector": vectors[0], "min_score": float("nan")}, InvalidArgument, "min_score: must be"),
+        ({"vector": vectors[0], "min_score": -1.01}, InvalidArgument, "min_score: must be a"),
     ]
     for query, error, message in cases:
         with pytest.raises(error) as caught:
