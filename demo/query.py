@@ -9,12 +9,14 @@ python -m demo.query --id 10042 --tls-ca ca.pem --auth-token-file token   # a se
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from pathlib import Path
 
 import grpc
 
-from vpm.v1 import search_pb2, search_pb2_grpc
+from vpm.v1 import search_pb2
+from vpm_common.search_client import SearchClient
 from vpm_common.security import PLAINTEXT, ClientSecurity
 
 
@@ -24,9 +26,23 @@ def search(
     timeout_s: float = 30,
     security: ClientSecurity = PLAINTEXT,
 ) -> search_pb2.SearchResponse:
-    channel = security.channel(target, [("grpc.max_send_message_length", 64 << 20)])
-    with channel:
-        return search_pb2_grpc.SearchStub(channel).Search(request, timeout=timeout_s)
+    """One Search call (grpc.RpcError when it fails), through the one search client."""
+
+    async def call() -> search_pb2.SearchResponse:
+        client = SearchClient(target, timeout_s, security)
+        try:
+            return await client.search(request)
+        finally:
+            await client.close()
+
+    return asyncio.run(call())
+
+
+def filter_term(text: str) -> tuple[str, str]:
+    field, equals, value = text.partition("=")
+    if not equals or not field:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, e.g. gender=Women; got {text!r}")
+    return field, value
 
 
 def table(response: search_pb2.SearchResponse) -> str:
@@ -49,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     query.add_argument("--text", help="a few words")
     query.add_argument("--id", help="a product id: products like it")
     parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--filter", action="append", default=[], metavar="FIELD=VALUE")
+    parser.add_argument(
+        "--filter", action="append", default=[], type=filter_term, metavar="FIELD=VALUE"
+    )
     parser.add_argument("--search", default="127.0.0.1:50052", help="the search service, host:port")
     parser.add_argument("--tls-ca", type=Path, help="PEM CA of the service's certificate (TLS)")
     parser.add_argument("--tls-cert", type=Path, help="PEM client certificate (mutual TLS)")
@@ -64,10 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (OSError, ValueError) as error:
         parser.error(f"cannot read the TLS or token files: {error}")
-    filters = dict(item.split("=", 1) for item in args.filter)
-    request = search_pb2.SearchRequest(top_k=args.top_k, filters=filters)
+    request = search_pb2.SearchRequest(top_k=args.top_k, filters=dict(args.filter))
     if args.image:
-        request.image = args.image.read_bytes()
+        try:
+            request.image = args.image.read_bytes()
+        except OSError as error:
+            parser.error(f"--image: cannot read {args.image}: {error.strerror}")
     elif args.text:
         request.text = args.text
     else:
