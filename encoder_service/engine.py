@@ -239,15 +239,21 @@ class EncoderEngine:
 
     # -- texts -------------------------------------------------------------------
 
+    @property
+    def max_request_texts(self) -> int:
+        """Most texts one call may carry: --max-texts, but no more than the queue admits at
+        once (told to retry, a larger call would be refused forever)."""
+        return min(self.config.max_texts, self.config.queue_size)
+
     def submit_texts(self, texts: Sequence[str], caller: Caller) -> Future:
         """The future gives an Encoded with one row per text, in order; a bad text fails
         only its own row."""
         if not texts:
             raise InvalidArgument("texts is empty: send at least one text")
-        if len(texts) > self.config.max_texts:
-            raise InvalidArgument(
-                f"texts has {len(texts)} items, over the limit of {self.config.max_texts}"
-            )
+        limit = self.max_request_texts
+        if len(texts) > limit:
+            why = "" if limit == self.config.max_texts else " (the queue's size, --queue-size)"
+            raise InvalidArgument(f"texts has {len(texts)} items, over the limit of {limit}{why}")
         errors: dict[int, BaseException] = {}
         for index, text in enumerate(texts):
             problem = self._text_problem(text)

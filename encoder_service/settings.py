@@ -61,7 +61,7 @@ class EncoderSettings(ServerGuards):
     max_image_pixels: int = setting(
         40_000_000, "largest image accepted, in pixels (decompression bombs)"
     )
-    max_texts: int = setting(1024, "most texts in one EncodeText call")
+    max_texts: int = setting(1024, "most texts in one EncodeText call (at most the queue size)")
     max_text_bytes: int = setting(16 * 1024, "longest text accepted, in UTF-8 bytes")
     cache_dir: Path = setting(Path.home() / ".cache" / "vpm", "where exported ONNX graphs are kept")
     max_connection_age_s: float = setting(

@@ -115,7 +115,7 @@ def test_texts_get_one_reply_each_in_order(encoder_server: ServerThread) -> None
 
 @pytest.mark.parametrize(
     ("texts", "message"),
-    [([], "texts is empty"), (["a"] * 1025, "texts has 1025 items, over the limit of 1024")],
+    [([], "texts is empty"), (["a"] * 1025, "texts has 1025 items, over the limit of 64")],
 )
 def test_text_batch_limits_are_invalid_arguments(
     encoder_server: ServerThread, texts: list[str], message: str
@@ -124,6 +124,26 @@ def test_text_batch_limits_are_invalid_arguments(
         stub_for(encoder_server.target).EncodeText(encoder_pb2.TextBatch(texts=texts), timeout=10)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in caught.value.details()
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        # --max-texts (1024 by default) above what the queue holds: a call told to retry
+        # after RESOURCE_EXHAUSTED could never be admitted, so it is refused as too large.
+        ({"queue_size": 16}, "over the limit of 16 (the queue's size, --queue-size)"),
+        ({"queue_size": 32, "max_texts": 16}, "over the limit of 16"),
+    ],
+)
+def test_a_text_call_over_the_limit_says_which_limit(make_encoder, limits, message) -> None:
+    thread, _app = make_encoder(**limits)
+    stub = stub_for(thread.target)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.EncodeText(encoder_pb2.TextBatch(texts=["red dress"] * 17), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == f"texts has 17 items, {message}"
+    items = stub.EncodeText(encoder_pb2.TextBatch(texts=["red dress"] * 16), timeout=30).items
+    assert len(items) == 16 and all(len(item.vector) == 64 for item in items)
 
 
 def test_while_loading_calls_are_unavailable_and_health_is_not_serving(tiny_settings) -> None:
