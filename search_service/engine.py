@@ -307,6 +307,8 @@ class SearchEngine:
             yield [(product, vector) for _key, product, vector in page]
 
     async def stats(self) -> Stats:
+        # Not an empty catalog's figures while the real one loads: callers would act on them.
+        self._require_loaded()
         encoders = await self.embedder.states()
         mirror = self.mirror
         with mirror.lock.read():

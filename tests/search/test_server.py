@@ -390,3 +390,34 @@ def test_stats_report_the_index_tuning(
 def test_stats_of_a_flat_index_say_tuning_is_off(served: RunningSearch) -> None:
     tuning = served.stub.GetStats(search_pb2.GetStatsRequest()).index_tuning
     assert (tuning.status, tuning.target_recall, tuning.value) == ("off", 0.0, 0)
+
+
+def test_until_the_catalog_is_loaded_every_rpc_is_unavailable(
+    tmp_path, start_search: Callable
+) -> None:
+    engine = SearchEngine(Catalog.open(f"sqlite:///{tmp_path}/catalog.db"), tmp_path / "data")
+    try:
+        running = start_search(engine)  # not loaded yet, as while a large catalog loads
+        stub = running.stub
+        request = search_pb2.ListProductsRequest()
+        calls = {
+            "GetStats": lambda: stub.GetStats(search_pb2.GetStatsRequest()),
+            "Search": lambda: stub.Search(search_pb2.SearchRequest(product_id="p1")),
+            "GetProduct": lambda: stub.GetProduct(search_pb2.GetProductRequest(id="p1")),
+            "GetFacets": lambda: stub.GetFacets(search_pb2.GetFacetsRequest()),
+            "ListProducts": lambda: list(stub.ListProducts(request)),
+            "ListProductBatches": lambda: list(stub.ListProductBatches(request)),
+            "UpsertProducts": lambda: stub.UpsertProducts(iter([search_pb2.Product(id="p1")])),
+            "DeleteProducts": lambda: stub.DeleteProducts(
+                search_pb2.DeleteProductsRequest(ids=["p1"])
+            ),
+        }
+        for name, call in calls.items():
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, name
+            assert "still loading" in caught.value.details(), name
+        engine.load()
+        assert stub.GetStats(search_pb2.GetStatsRequest()).products == 0
+    finally:
+        engine.close()
