@@ -113,6 +113,7 @@ def load_settings(
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     values: dict[str, Any] = {}
+    bad_environment: dict[str, str] = {}  # raised only where no flag overrides the variable
     for field in ordered_fields(cls):
         parse, what = _parser_for(hints[field.name])
         env = env_name(field, prefix)
@@ -120,7 +121,7 @@ def load_settings(
             try:
                 values[field.name] = parse(environ[env])
             except ValueError:
-                raise SettingsError(f"{env}={environ[env]!r}: expected {what}") from None
+                bad_environment[field.name] = f"{env}={environ[env]!r}: expected {what}"
         choices = field.metadata.get("choices")
         default = field.default if field.default is not dataclasses.MISSING else None
         if typing.get_origin(hints[field.name]) is tuple and default is not None:
@@ -136,7 +137,11 @@ def load_settings(
             help=f"{field.metadata.get('help', '')} [env {env}; default: {default}]",
             **switch,
         )
-    values.update(vars(parser.parse_args(argv)))
+    flags = vars(parser.parse_args(argv))
+    for name, message in bad_environment.items():
+        if name not in flags:
+            raise SettingsError(message)
+    values.update(flags)
     for field in dataclasses.fields(cls):
         choices = field.metadata.get("choices")
         if field.name in values and choices and values[field.name] not in choices:

@@ -45,9 +45,10 @@ def test_defaults_environment_and_flags_in_that_order() -> None:
     assert load_settings(Example, "X_", ["--verbose", "false"], env).verbose is False
 
 
-def test_a_bad_environment_value_names_the_variable() -> None:
+def test_a_bad_environment_value_names_the_variable_unless_its_flag_wins() -> None:
     with pytest.raises(SettingsError, match=r"X_PORT='abc': expected an integer"):
         load_settings(Example, "X_", [], {"X_PORT": "abc"})
+    assert load_settings(Example, "X_", ["--port", "7"], {"X_PORT": "abc"}).port == 7
 
 
 def test_validation_errors_name_the_flag_and_the_variable() -> None:
