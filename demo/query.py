@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         "--filter", action="append", default=[], type=filter_term, metavar="FIELD=VALUE"
     )
     parser.add_argument("--search", default="127.0.0.1:50052", help="the search service, host:port")
+    parser.add_argument("--tls", action="store_true", help="TLS, trusting the system's roots")
     parser.add_argument("--tls-ca", type=Path, help="PEM CA of the service's certificate (TLS)")
     parser.add_argument("--tls-cert", type=Path, help="PEM client certificate (mutual TLS)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
@@ -78,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tls-cert and --tls-key go together")
     try:
         security = ClientSecurity.load(
-            ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, token_file=args.auth_token_file
+            tls=args.tls,
+            ca=args.tls_ca,
+            cert=args.tls_cert,
+            key=args.tls_key,
+            token_file=args.auth_token_file,
         )
     except (OSError, ValueError) as error:
         parser.error(f"cannot read the TLS or token files: {error}")
