@@ -63,7 +63,9 @@ class EncoderSettings(ServerGuards):
     )
     max_texts: int = setting(1024, "most texts in one EncodeText call (at most the queue size)")
     max_text_bytes: int = setting(16 * 1024, "longest text accepted, in UTF-8 bytes")
-    cache_dir: Path = setting(Path.home() / ".cache" / "vpm", "where exported ONNX graphs are kept")
+    cache_dir: Path = setting(
+        Path.home() / ".cache" / "vpm", "downloaded weights (weights/) and ONNX exports (onnx/)"
+    )
     max_connection_age_s: float = setting(
         300.0,
         "close each client connection after this long (running calls get 60 s more), so "

@@ -52,21 +52,19 @@ COPY vpm_common/ vpm_common/
 COPY encoder_service/ encoder_service/
 # Bytecode is compiled now: the code is read-only to the service's user.
 RUN python -m compileall -q /app
-# One cache volume: ONNX exports (per model and weights) and downloaded weights.
-# On a CPU limit below the machine's core count, set VPM_ENCODER_THREADS and
-# VPM_ENCODER_WORKERS to it: the defaults count the machine's cores.
+# One cache volume: downloaded weights in weights/, ONNX exports (per model and
+# weights) in onnx/. The thread defaults follow the container's CPU limit.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/app \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     XDG_CACHE_HOME=/var/cache/vpm \
-    HF_HOME=/var/cache/vpm/huggingface \
     TORCH_HOME=/var/cache/vpm/torch \
     VPM_ENCODER_HOST=0.0.0.0 \
     VPM_ENCODER_PORT=50051 \
     VPM_ENCODER_METRICS_PORT=9151 \
     VPM_ENCODER_DEVICE=cpu \
-    VPM_ENCODER_CACHE_DIR=/var/cache/vpm/onnx
+    VPM_ENCODER_CACHE_DIR=/var/cache/vpm
 USER 10001:10001
 VOLUME ["/var/cache/vpm"]
 # gRPC, Prometheus metrics

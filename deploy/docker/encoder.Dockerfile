@@ -58,20 +58,19 @@ COPY encoder_service/ encoder_service/
 ENV PATH=/opt/venv/bin:$PATH
 # Bytecode is compiled now: the code is read-only to the service's user.
 RUN python -m compileall -q /app
-# One cache volume for downloaded weights (and Triton's kernels); --device cuda fails
+# One cache volume: downloaded weights in weights/ (and Triton's kernels); --device cuda fails
 # loudly where no GPU is visible rather than encoding on the CPU 100 times slower.
 ENV PYTHONPATH=/app \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     XDG_CACHE_HOME=/var/cache/vpm \
-    HF_HOME=/var/cache/vpm/huggingface \
     TORCH_HOME=/var/cache/vpm/torch \
     TRITON_CACHE_DIR=/var/cache/vpm/triton \
     VPM_ENCODER_HOST=0.0.0.0 \
     VPM_ENCODER_PORT=50051 \
     VPM_ENCODER_METRICS_PORT=9151 \
     VPM_ENCODER_DEVICE=cuda \
-    VPM_ENCODER_CACHE_DIR=/var/cache/vpm/onnx
+    VPM_ENCODER_CACHE_DIR=/var/cache/vpm
 USER 10001:10001
 VOLUME ["/var/cache/vpm"]
 # gRPC, Prometheus metrics
