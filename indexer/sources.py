@@ -9,11 +9,13 @@ What cannot be used is reported with where it is and why, never fatal.
 from __future__ import annotations
 
 import csv
+import math
 import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 STYLES_COLUMNS = (
@@ -115,37 +117,56 @@ def fashion_catalog(styles: Path, images: Path) -> Discovery:
 
 def _styles_rows(styles: Path, found: Discovery) -> Iterator[tuple[int, dict[str, str]]]:
     """(line number, row) for every usable row; malformed rows are reported and skipped."""
-    with styles.open(newline="", encoding="utf-8", errors="replace") as file:
+    # utf-8-sig: a spreadsheet's export starts with a byte-order mark, which would
+    # otherwise stick to the first column's name.
+    with styles.open(newline="", encoding="utf-8-sig", errors="replace") as file:
         reader = csv.reader(file)
-        header = next(reader, None)
-        if header is None:
-            found.problem(styles.name, "file is empty")
-            return
-        header = [name.strip() for name in header]
-        missing = [name for name in STYLES_COLUMNS if name not in header]
-        if missing:
-            found.problem(f"{styles.name}:1", f"header lacks column(s) {', '.join(missing)}")
-            return
-        for values in reader:
-            line = reader.line_num
-            if not any(value.strip() for value in values):
-                continue
-            if len(values) > len(header) and header[-1] == "productDisplayName":
-                # The real fashion set has unquoted commas in the last, free-text
-                # column; they belong to the name.
-                values = values[: len(header) - 1] + [",".join(values[len(header) - 1 :])]
-            if len(values) != len(header):
-                found.problem(
-                    f"{styles.name}:{line}",
-                    f"{len(values)} fields, expected {len(header)}; row skipped",
-                )
-                continue
-            row = {name: value.strip() for name, value in zip(header, values, strict=True)}
-            problem = _id_problem(row["id"])
-            if problem:
-                found.problem(f"{styles.name}:{line}", f"{problem}; row skipped")
-                continue
-            yield line, row
+        try:
+            yield from _usable_rows(reader, styles.name, found)
+        except csv.Error as error:  # e.g. a field over the csv module's size limit
+            found.problem(
+                f"{styles.name}:{reader.line_num}", f"{error}; the rest of the file is not read"
+            )
+
+
+def _usable_rows(reader: Any, name: str, found: Discovery) -> Iterator[tuple[int, dict[str, str]]]:
+    header = next(reader, None)
+    if header is None:
+        found.problem(name, "file is empty")
+        return
+    header = [column.strip() for column in header]
+    missing = [column for column in STYLES_COLUMNS if column not in header]
+    if missing:
+        found.problem(f"{name}:1", f"header lacks column(s) {', '.join(missing)}")
+        return
+    last = 1
+    for values in reader:
+        first, line = last + 1, reader.line_num  # a quoted field may span lines
+        last = line
+        if not any(value.strip() for value in values):
+            continue
+        if line > first and any("\n" in value or "\r" in value for value in values):
+            # Most often an unclosed quote, which swallows the rows after it.
+            found.problem(
+                f"{name}:{first}",
+                f"a quoted field runs over lines {first}-{line} (an unclosed quote?); row skipped",
+            )
+            continue
+        if len(values) > len(header) and header[-1] == "productDisplayName":
+            # The real fashion set has unquoted commas in the last, free-text
+            # column; they belong to the name.
+            values = values[: len(header) - 1] + [",".join(values[len(header) - 1 :])]
+        if len(values) != len(header):
+            found.problem(
+                f"{name}:{line}", f"{len(values)} fields, expected {len(header)}; row skipped"
+            )
+            continue
+        row = {column: value.strip() for column, value in zip(header, values, strict=True)}
+        problem = _id_problem(row["id"])
+        if problem:
+            found.problem(f"{name}:{line}", f"{problem}; row skipped")
+            continue
+        yield line, row
 
 
 def _id_problem(product_id: str) -> str | None:
@@ -158,19 +179,29 @@ def _id_problem(product_id: str) -> str | None:
     return None
 
 
+def _is_utf8(text: str) -> bool:
+    """False for a name the file system gave undecodable (its bytes as surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _metadata_of_row(row: dict[str, str]) -> tuple[tuple[str, str | int], ...]:
     values: dict[str, str | int] = {field: row[column] for column, field in FIELD_OF_COLUMN.items()}
-    year = row.get("year", "").strip()
-    values["year"] = int(float(year)) if _is_number(year) else 0
+    values["year"] = _year(row.get("year", ""))
     return tuple(sorted(values.items()))
 
 
-def _is_number(text: str) -> bool:
+def _year(text: str) -> int:
+    """The year of "2011" or "2011.0"; 0 (not known) for what is none, such as "", "nan"
+    or a number beyond what Product.year (int32) holds."""
     try:
-        float(text)
+        number = float(text)
     except ValueError:
-        return False
-    return True
+        return 0
+    return int(number) if math.isfinite(number) and abs(number) < 2**31 else 0
 
 
 def folder_catalog(root: Path) -> Discovery:
@@ -178,6 +209,11 @@ def folder_catalog(root: Path) -> Discovery:
     found = Discovery()
     first_path_of: dict[str, Path] = {}
     for path in walk_images(root, found):
+        if not _is_utf8(str(path.relative_to(root))):
+            # Named with its undecodable bytes escaped: the summary and logs are UTF-8.
+            shown = str(path).encode("utf-8", "backslashreplace").decode("utf-8")
+            found.problem(shown, "the name is not UTF-8 text (another encoding?); skipped")
+            continue
         product_id = path.stem
         problem = _id_problem(product_id)
         if problem:

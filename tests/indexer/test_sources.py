@@ -104,3 +104,81 @@ def test_folder_layout_lists_what_is_not_a_regular_file_as_a_problem(tmp_path: P
         (str(tmp_path / "broken.jpg"), "broken link or unreadable; skipped"),
         (str(tmp_path / "pipe.jpg"), "not a regular file; skipped"),
     ]
+
+
+def test_a_spreadsheets_byte_order_mark_and_odd_years_are_read(tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rows = {"1": "2012.0", "2": "nan", "3": "inf", "4": "1e10", "5": "-3000000000", "6": "x"}
+    for product_id in rows:
+        (folder / f"{product_id}.jpg").write_bytes(b"x")
+    styles = tmp_path / "styles.csv"
+    lines = [
+        f"{i},Men,Apparel,Topwear,Tshirts,Red,Fall,{year},Casual,N{i}" for i, year in rows.items()
+    ]
+    # As a spreadsheet exports UTF-8: a byte-order mark before the header.
+    styles.write_bytes(b"\xef\xbb\xbf" + (HEADER + "\n".join(lines) + "\n").encode())
+    found = fashion_catalog(styles, folder)
+    assert found.problems == []
+    # Years that are not years (or beyond int32, as Product.year) are not known: 0.
+    assert {item.id: item.fields()["year"] for item in found.items} == {
+        "1": 2012, "2": 0, "3": 0, "4": 0, "5": 0, "6": 0,
+    }  # fmt: skip
+
+
+def test_an_unclosed_quote_is_reported_not_swallowed_silently(tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for product_id in ("1", "2", "3"):
+        (folder / f"{product_id}.jpg").write_bytes(b"x")
+    styles = write_styles(
+        tmp_path / "styles.csv",
+        [
+            "1,Men,Apparel,Topwear,Tshirts,Red,Fall,2012,Casual,One",
+            '2,Men,Apparel,Topwear,Tshirts,Red,Fall,2012,Casual,"Two, unclosed',
+            "3,Men,Apparel,Topwear,Tshirts,Red,Fall,2012,Casual,Three",
+        ],
+    )
+    found = fashion_catalog(styles, folder)
+    assert [item.id for item in found.items] == ["1"]
+    problems = dict(found.problems)
+    assert problems["styles.csv:3"] == (
+        "a quoted field runs over lines 3-4 (an unclosed quote?); row skipped"
+    )
+
+
+def test_a_field_over_the_csv_limit_is_reported_and_the_rows_before_it_kept(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "1.jpg").write_bytes(b"x")
+    styles = write_styles(
+        tmp_path / "styles.csv",
+        [
+            "1,Men,Apparel,Topwear,Tshirts,Red,Fall,2012,Casual,One",
+            '2,Men,Apparel,Topwear,Tshirts,Red,Fall,2012,Casual,"' + "x" * 200_000 + '"',
+        ],
+    )
+    found = fashion_catalog(styles, folder)
+    assert [item.id for item in found.items] == ["1"]
+    where, what = found.problems[0]
+    assert where.startswith("styles.csv:") and what.endswith("; the rest of the file is not read")
+    assert "field larger than field limit" in what
+
+
+def test_a_file_name_in_another_encoding_is_reported_and_skipped(tmp_path: Path) -> None:
+    root = tmp_path / "catalog"
+    (root / "shoes").mkdir(parents=True)
+    (root / "shoes" / "a1.jpg").write_bytes(b"x")
+    # Latin-1 bytes, as a zip made elsewhere unpacks them: not decodable as UTF-8.
+    os.mkdir(os.path.join(os.fsencode(root), b"caf\xe9"))
+    open(os.path.join(os.fsencode(root), b"caf\xe9", b"b1.jpg"), "wb").close()
+    open(os.path.join(os.fsencode(root), b"shoes", b"d\xe9j\xe0.jpg"), "wb").close()
+    found = folder_catalog(root)
+    assert [item.id for item in found.items] == ["a1"]
+    skipped = "the name is not UTF-8 text (another encoding?); skipped"
+    assert sorted(found.problems) == [
+        (f"{root}/caf\\udce9/b1.jpg", skipped),
+        (f"{root}/shoes/d\\udce9j\\udce0.jpg", skipped),
+    ]
