@@ -70,7 +70,8 @@ def _integer(params: Mapping[str, str], name: str, default: int, low: int, high:
     text = params.get(name, "").strip()
     if not text:
         return default
-    if not text.isdigit() or not low <= int(text) <= high:
+    # ASCII digits only: str.isdigit() also holds for "²", which int() refuses.
+    if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
         raise InvalidArgument(f"{name}: expected a whole number from {low} to {high}, got {text!r}")
     return int(text)
 

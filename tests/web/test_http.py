@@ -108,6 +108,7 @@ def test_facets_count_what_the_catalog_holds(page: RunningPage, search: RunningS
         ("/api/search?id=p1&text=x", 400, "give exactly one"),
         ("/api/search?id=p1&top_k=0", 400, "top_k: expected a whole number from 1 to 100"),
         ("/api/search?id=p1&top_k=ten", 400, "top_k: expected a whole number"),
+        ("/api/search?id=p1&offset=%C2%B2", 400, "offset: expected a whole number"),  # "²"
         ("/api/search?id=p1&min_score=2", 400, "min_score: expected a number from -1 to 1"),
         ("/api/search?id=p1&filter.colour=Red", 400, "filters: unknown key 'colour'"),
         ("/api/facets?field=name", 400, "fields: 'name' is not a facet"),
