@@ -133,8 +133,14 @@ def _check_item(item: UpsertItem) -> UpsertItem:
 
 
 def _check_id(product: Product) -> None:
+    """The product's id, and its model's: the catalog's columns hold MAX_ID_LENGTH characters
+    (PostgreSQL refused a whole batch for one longer model id; SQLite took it)."""
     if not 1 <= len(product.id) <= MAX_ID_LENGTH:
         raise InvalidArgument(f"id: must be 1 to {MAX_ID_LENGTH} characters, got {len(product.id)}")
+    if len(product.model_id) > MAX_ID_LENGTH:
+        raise InvalidArgument(
+            f"model_id: must be at most {MAX_ID_LENGTH} characters, got {len(product.model_id)}"
+        )
 
 
 # A product's text fields (image_sha256 is checked as hex). PostgreSQL stores no NUL

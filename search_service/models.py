@@ -21,7 +21,7 @@ METADATA_FIELDS = (
     "category",
 )
 
-MAX_ID_LENGTH = 256
+MAX_ID_LENGTH = 256  # product ids and model ids alike
 MAX_TOP_K = 1000
 DEFAULT_TOP_K = 10
 MAX_RESULT_WINDOW = 10_000  # offset + top_k

@@ -346,6 +346,7 @@ def test_upsert_stream_counts_each_outcome_and_last_duplicate_wins(
         UpsertItem(Product(id="nomodel"), vectors[0]),
         UpsertItem(Product(id="sha", model_id="test-model", image_sha256="XYZ"), vectors[0]),
         UpsertItem(Product(id="nul", season="a\x00", model_id="test-model"), vectors[0]),
+        UpsertItem(Product(id="longmodel", model_id="m" * 257), vectors[0]),
     ]
     summary = asyncio.run(engine.upsert(stream(items)))
     assert (summary.inserted, summary.updated, summary.unchanged) == (5, 1, 1)
@@ -364,8 +365,9 @@ def test_upsert_stream_counts_each_outcome_and_last_duplicate_wins(
         "nomodel": (14, NO_ENCODER_MODEL),
         "sha": (3, "image_sha256: must be 64 lower-case hex digits"),
         "nul": (3, "season: must not contain NUL characters (U+0000)"),
+        "longmodel": (3, "model_id: must be at most 256 characters, got 257"),
     }
-    assert summary.failed == 10
+    assert summary.failed == 11
     assert engine.get("p0")[0].name == "second"
     assert summary.catalog_version == engine.mirror.version == 2
 
@@ -388,10 +390,12 @@ def test_bulk_upsert_fails_bad_rows_alone_and_cuts_batches_at_repeats(
         # PostgreSQL stores no NUL in text (it refused the whole batch): refused alone, anywhere.
         Product(id="nul", name="a\x00b", model_id="test-model"),
         Product(id="nulattr", attributes={"colour": "red\x00"}, model_id="test-model"),
+        # Longer than the catalog's column: refused alone (PostgreSQL refused the batch).
+        Product(id="longmodel", model_id="m" * 257),
     ]
     rows = [vectors[0], vectors[1], vectors[0], [np.nan] * 4, [0.0] * 4, vectors[0]]
     rows += [vectors[0], [1e-30] * 4]  # a norm float32 cannot hold is normalized in float64
-    rows += [vectors[0], vectors[2], vectors[3]]
+    rows += [vectors[0], vectors[2], vectors[3], vectors[0]]
     summary = engine.upsert_products(products + extra, np.vstack([vectors, rows]))
     assert (summary.inserted, summary.updated, summary.unchanged) == (6, 1, 1)
     failures = {f.id: (f.code, f.message) for f in summary.failures}
@@ -405,6 +409,7 @@ def test_bulk_upsert_fails_bad_rows_alone_and_cuts_batches_at_repeats(
         "nomodel": (14, NO_ENCODER_MODEL),
         "nul": (3, "name: must not contain NUL characters (U+0000)"),
         "nulattr": (3, "attributes['colour']: must not contain NUL characters (U+0000)"),
+        "longmodel": (3, "model_id: must be at most 256 characters, got 257"),
     }
     assert engine.get("p0")[0].name == "second"
     np.testing.assert_allclose(engine.get("tiny", include_vector=True)[1], [0.5] * 4)
