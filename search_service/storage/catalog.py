@@ -693,7 +693,9 @@ _OLD_CONTENT = slice(2, 2 + len(CONTENT_COLUMNS))  # the same within a selected 
 _VECTOR = ROW_COLUMNS.index("vector")
 assert ROW_COLUMNS[_CONTENT] == list(CONTENT_COLUMNS), "products columns moved: update row_values"
 assert ROW_COLUMNS[-1] == "version", "products columns moved: Catalog.upsert appends the version"
-assert ROW_COLUMNS[_VECTOR - 1] == "model_id", "products columns moved: see _keeping_vector"
+assert ROW_COLUMNS[_VECTOR - 2 : _VECTOR] == ["image_sha256", "model_id"], (
+    "products columns moved: see _keeping_vector"
+)
 
 
 NOT_STORED = (
@@ -703,7 +705,8 @@ NOT_STORED = (
 
 
 def _keeping_vector(product: Product, row: tuple, old: sa.Row | None) -> tuple[tuple, Product]:
-    """The row and product of a metadata-only upsert: the stored vector and model kept."""
+    """The row and product of a metadata-only upsert: the stored vector and model kept, and
+    the stored image hash where none is sent (it is the hash of the kept vector's image)."""
     if old is None:
         raise InvalidArgument(NOT_STORED)
     if product.model_id and product.model_id != old.model_id:
@@ -711,7 +714,9 @@ def _keeping_vector(product: Product, row: tuple, old: sa.Row | None) -> tuple[t
             f"model_id: {product.model_id!r} but no vector; the stored vector is of model "
             f"{old.model_id!r}"
         )
-    return (*row[: _VECTOR - 1], old.model_id, old.vector), replace(product, model_id=old.model_id)
+    sha256 = product.image_sha256 or old.image_sha256
+    kept = replace(product, model_id=old.model_id, image_sha256=sha256)
+    return (*row[: _VECTOR - 2], sha256, old.model_id, old.vector), kept
 
 
 def row_values(product: Product, vector: np.ndarray | None) -> tuple:

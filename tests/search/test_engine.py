@@ -322,6 +322,34 @@ def test_a_product_sent_without_vector_or_image_changes_its_metadata_alone(
     assert (match.product.id, match.product.name) == ("p0", "Renamed")
 
 
+def test_a_metadata_change_without_an_image_hash_keeps_the_stored_one(
+    open_engine: OpenEngine, catalog_url: str
+) -> None:
+    """The hash names the image of the kept vector: an indexer's rerun must still find the
+    image unchanged after a client renamed the product without sending it."""
+    engine = open_engine(catalog_url)
+    products, vectors = random_catalog(2, 4)
+    hashes = ["a" * 64, "b" * 64]
+    stored = [dataclasses.replace(p, image_sha256=h) for p, h in zip(products, hashes, strict=True)]
+    engine.upsert_products(stored, vectors)
+
+    async def stream(items):
+        for item in items:
+            yield item
+
+    renamed = [
+        UpsertItem(Product(id="p0", name="Renamed")),
+        UpsertItem(Product(id="p1", name="Renamed too", image_sha256="c" * 64)),
+    ]
+    summary = asyncio.run(engine.upsert(stream(renamed)))
+    assert (summary.updated, summary.failed) == (2, 0)
+    assert engine.catalog.get("p0")[1].image_sha256 == "a" * 64  # the stored one, kept
+    assert engine.catalog.get("p1")[1].image_sha256 == "c" * 64  # the one sent
+    assert engine.get("p0")[0].image_sha256 == "a" * 64  # the index's record alike
+    again = asyncio.run(engine.upsert(stream(renamed[:1])))
+    assert again.unchanged == 1
+
+
 def test_upsert_stream_counts_each_outcome_and_last_duplicate_wins(
     open_engine: OpenEngine, catalog_url: str
 ) -> None:
