@@ -80,6 +80,9 @@ INLINE_SEARCH_S = 500e-6
 # Products a page of a listing: one ListProductBatches message (~2 MB with 512-d vectors,
 # under gRPC's default 4 MB a message that other clients receive).
 LIST_PAGE = 1000
+# Most vectors an upsert's stream_products makes room for at once (~4 GB of 512-d float32
+# in a Flat index); past it the index grows as vectors come, as without the hint.
+MAX_RESERVED = 2_000_000
 
 T = TypeVar("T")
 
@@ -409,12 +412,15 @@ class SearchEngine:
 
     def _new_share(self, first: VectorBatch) -> int:
         """Room to make for a stream of `first.stream_products`: as many as the share of
-        new ids in its first batch says (an update reuses its own room)."""
+        new ids in its first batch says (an update reuses its own room), at most
+        MAX_RESERVED: the count is the caller's hint, and a wrong one must not take the
+        memory of a catalog it will never send."""
         if not first.products:
             return 0
         with self.mirror.lock.read():
             new = sum(product.id not in self.mirror.keys for product in first.products)
-        return -(-first.stream_products * new // len(first.products))
+        share = -(-first.stream_products * new // len(first.products))
+        return min(max(share, 0), MAX_RESERVED)
 
     @contextlib.contextmanager
     def _upserting(self) -> Iterator[None]:

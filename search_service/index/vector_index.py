@@ -248,7 +248,13 @@ class VectorIndex:
             codes = storage.codes
             if codes.is_owned:  # not a view of memory FAISS does not own
                 size = codes.size()
-                codes.resize(size + count * storage.code_size)
+                try:
+                    codes.resize(size + count * storage.code_size)
+                except MemoryError:  # room is a speed-up: the index grows as vectors come
+                    logger.warning(
+                        "no memory for %d more vectors at once; growing as they come", count
+                    )
+                    return
                 codes.resize(size)
 
     def put(self, keys: np.ndarray, vectors: np.ndarray) -> None:

@@ -14,10 +14,10 @@ import pytest
 
 from search_service import engine as engine_module
 from search_service.encoders.embedder import QueryEmbedder
-from search_service.engine import SearchEngine
+from search_service.engine import MAX_RESERVED, SearchEngine
 from search_service.index import mirror as mirror_module
 from search_service.index.vector_index import VectorIndex
-from search_service.models import Product, SearchQuery, UpsertItem
+from search_service.models import Product, SearchQuery, UpsertItem, VectorBatch
 from tests.search.conftest import assert_exact_top_k, brute_force, random_catalog
 from vpm_common.encoder_client.encoder_pool import EncoderPool
 from vpm_common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
@@ -467,6 +467,22 @@ def test_bulk_upsert_makes_room_in_the_index_for_new_ids_only(
     assert engine.index_keys().size == 310
     best = engine.search_vector(-vectors[0], top_k=1).matches[0]
     assert best.product.id == "p0" and best.score == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_stream_size_beyond_reason_makes_room_for_at_most_max_reserved(
+    open_engine: OpenEngine, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = open_engine(sqlite_url)
+    asked: list[int] = []
+    monkeypatch.setattr(VectorIndex, "reserve", lambda index, extra: asked.append(extra))
+    products, vectors = random_catalog(2, 8)
+
+    async def batches():
+        yield VectorBatch(products, vectors, stream_products=2**62)
+
+    summary = asyncio.run(engine.upsert(batches()))
+    assert summary.inserted == 2
+    assert asked == [MAX_RESERVED]
 
 
 def test_a_failed_bulk_commit_leaves_catalog_and_index_agreeing(

@@ -126,6 +126,18 @@ def test_reserve_makes_room_once_and_the_adds_stay_exact(reserved: int) -> None:
     assert found[0] == 500 and scores[0] == pytest.approx(1.0, abs=1e-6)
 
 
+def test_room_the_allocator_refuses_is_skipped_and_the_index_grows_as_vectors_come(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    vectors = unit_rows(200, 16)
+    index = VectorIndex(16, scan_threads=2)
+    index.put(np.arange(100), vectors[:100])
+    index.reserve(2**40)  # 64 TB: std::bad_alloc, which FAISS raises as MemoryError
+    assert "no memory for 1099511627776 more vectors at once" in caplog.text
+    index.put(np.arange(100, 200), vectors[100:])
+    assert np.array_equal(index.vectors(np.arange(200)), vectors)
+
+
 def test_reserve_leaves_approximate_indexes_alone() -> None:
     index = VectorIndex(16, "HNSW8")
     index.reserve(1000)
