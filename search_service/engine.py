@@ -381,6 +381,7 @@ class SearchEngine:
         commits = _Commits(self, summary, expected_new)
         cutter = _Cutter(self.batch_size)
         items: list[UpsertItem] = []
+        sent: set[str] = set()  # the single items' ids (see _prepare)
 
         async def commit(products: list[Product], vectors: np.ndarray | list) -> None:
             # Rows are built in a worker thread: the event loop goes on serving searches.
@@ -395,14 +396,14 @@ class SearchEngine:
                         if len(items) < self.batch_size:
                             continue
                     if items:  # before a VectorBatch too: the order is the caller's
-                        await commit(*await self._prepare(items, summary))
+                        await commit(*await self._prepare(items, summary, sent))
                         items = []
                     if isinstance(entry, VectorBatch):
                         if entry.stream_products and commits.writing is None:
                             commits.reserve = self._new_share(entry)
                         await commit(*await self._prepare_vectors(entry, summary))
                 if items:
-                    await commit(*await self._prepare(items, summary))
+                    await commit(*await self._prepare(items, summary, sent))
                 if (rows := cutter.rest()) is not None:
                     await commits.put(rows)
                 await commits.finish()
@@ -460,37 +461,44 @@ class SearchEngine:
         return DeleteSummary(len(write.deleted), write.not_found, write.version)
 
     async def _prepare(
-        self, batch: list[UpsertItem], summary: UpsertSummary
+        self, batch: list[UpsertItem], summary: UpsertSummary, sent: set[str]
     ) -> tuple[list[Product], list[np.ndarray | None]]:
         """Check single items, skip unchanged images, fill model ids, encode images
-        (failures noted): the products that remain and their unit vectors, None for a
-        product sent with neither vector nor image (its stored vector stays; see
-        Catalog.upsert)."""
-        products: list[Product] = []
-        vectors: list[np.ndarray | None] = []
-        images: list[tuple[Product, bytes]] = []
-        metadata_only: list[Product] = []
+        (failures noted): the products that remain, in the order they came, so that of an
+        id sent twice the last still wins, and their unit vectors, None for a product sent
+        with neither vector nor image (its stored vector stays; see Catalog.upsert).
+
+        `sent`: the ids of the call's single items so far (this batch's are added): an
+        image is skipped as unchanged only for an id not sent before in the call, whose
+        earlier item may not be committed yet.
+        """
+        slots: list[tuple[Product, np.ndarray | None] | None] = []
+        with_vectors: list[int] = []
+        images: list[tuple[int, Product, bytes]] = []
         for item in checked_items(batch, summary):
+            product = item.product
             if item.image is not None:
-                if self._unchanged_image(item.product):
+                if product.id not in sent and self._unchanged_image(product):
                     summary.unchanged += 1
-                else:
-                    images.append((item.product, item.image))
-            elif item.vector is None:
-                metadata_only.append(item.product)
-            else:
-                products.append(item.product)
-                vectors.append(item.vector)
-        products, kept = await self._with_encoder_model(products, summary)
-        vectors = [vectors[i] for i in kept]
-        for product in metadata_only:  # the commit keeps the stored vector, or fails it
-            products.append(product)
-            vectors.append(None)
+                    sent.add(product.id)
+                    continue
+                images.append((len(slots), product, item.image))
+            elif item.vector is not None:
+                with_vectors.append(len(slots))
+            sent.add(product.id)
+            slots.append((product, item.vector))
+        vectors = {i: slots[i][1] for i in with_vectors}
+        named, kept = await self._with_encoder_model([slots[i][0] for i in with_vectors], summary)
+        for i in with_vectors:
+            slots[i] = None  # failed, unless kept below
+        for product, position in zip(named, kept, strict=True):
+            slots[with_vectors[position]] = (product, vectors[with_vectors[position]])
         if images:
-            for product, vector in await self._encode(images, summary):
-                products.append(product)
-                vectors.append(vector)
-        return products, vectors
+            encoded = await self._encode([(product, data) for _, product, data in images], summary)
+            for (i, _product, _data), outcome in zip(images, encoded, strict=True):
+                slots[i] = outcome
+        products = [slot[0] for slot in slots if slot is not None]
+        return products, [slot[1] for slot in slots if slot is not None]
 
     async def _prepare_vectors(
         self, batch: VectorBatch, summary: UpsertSummary
@@ -604,19 +612,21 @@ class SearchEngine:
 
     async def _encode(
         self, images: list[tuple[Product, bytes]], summary: UpsertSummary
-    ) -> list[tuple[Product, np.ndarray]]:
+    ) -> list[tuple[Product, np.ndarray] | None]:
+        """Each image's product (named by its vector's model) and vector, in order; None
+        for one that failed (noted)."""
         try:
             outcomes = await self.embedder.embed_images([(p.id, data) for p, data in images])
         except VpmError as err:
             outcomes = [err] * len(images)
-        encoded = []
+        encoded: list[tuple[Product, np.ndarray] | None] = []
         for (product, _data), outcome in zip(images, outcomes, strict=True):
             if isinstance(outcome, VpmError):
                 summary.failures.append(ItemFailure(product.id, outcome.code, outcome.message))
+                encoded.append(None)
             else:
-                encoded.append(
-                    (dataclasses.replace(product, model_id=outcome.model_id), outcome.vector)
-                )
+                product = dataclasses.replace(product, model_id=outcome.model_id)
+                encoded.append((product, outcome.vector))
         return encoded
 
 

@@ -19,6 +19,7 @@ from search_service.index import mirror as mirror_module
 from search_service.index.vector_index import VectorIndex
 from search_service.models import Product, SearchQuery, UpsertItem, VectorBatch
 from tests.search.conftest import assert_exact_top_k, brute_force, random_catalog
+from tests.search.fake_encoder import fake_vector
 from vpm_common.encoder_client.encoder_pool import EncoderPool
 from vpm_common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
@@ -663,6 +664,48 @@ def test_searches_never_see_half_a_batch(open_engine: OpenEngine, catalog_url: s
         thread.join()
     assert not errors
     assert len(seen) > 10 and set(seen) <= {0, 400}
+
+
+def test_of_an_id_sent_twice_in_a_stream_the_last_wins_whatever_each_carries(
+    open_engine: OpenEngine, catalog_url: str, fake_encoders: Callable
+) -> None:
+    """Items of one batch are not regrouped by kind: vector, image and metadata-only
+    items of one id apply in the order sent (as any repeat does)."""
+    _fake, server = fake_encoders(dim=16)
+    engine = open_engine(catalog_url)
+    vector = np.ones(16, np.float32) / 4  # a unit vector no image of the fake gives
+
+    async def run():
+        engine.embedder = QueryEmbedder(EncoderPool([server.target], timeout_s=5))
+        try:
+            await engine.upsert(_stream([UpsertItem(Product(id="b"), image=b"img-b")]))
+            return await engine.upsert(
+                _stream(
+                    [
+                        UpsertItem(Product(id="a", name="by image"), image=b"img-a"),
+                        UpsertItem(
+                            Product(id="a", name="by vector", model_id="fake-model"), vector
+                        ),
+                        UpsertItem(
+                            Product(id="b", name="by vector", model_id="fake-model"), vector
+                        ),
+                        # The image stored before: not skipped, since b changed since.
+                        UpsertItem(Product(id="b", name="by image again"), image=b"img-b"),
+                        UpsertItem(Product(id="b", name="renamed")),
+                    ]
+                )
+            )
+        finally:
+            await engine.embedder.close()
+
+    summary = asyncio.run(run())
+    assert summary.failed == 0
+    a, a_vector = engine.get("a", include_vector=True)
+    assert a.name == "by vector"
+    np.testing.assert_allclose(a_vector, vector, atol=1e-6)
+    b, b_vector = engine.get("b", include_vector=True)
+    assert b.name == "renamed"
+    np.testing.assert_allclose(b_vector, fake_vector(b"img-b", 16), atol=1e-6)
 
 
 def test_image_products_and_queries_go_through_the_encoder(
