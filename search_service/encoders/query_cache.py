@@ -26,6 +26,7 @@ from search_service.encoders.embedder import Embedding, QueryEmbedder
 from search_service.metrics import QUERY_CACHE
 from search_service.models import EncoderState, QueryCacheStats
 from vpm_common.errors import Unavailable, VpmError
+from vpm_common.server.deadlines import shared_context
 
 logger = logging.getLogger(__name__)
 
@@ -170,8 +171,11 @@ class CachingEmbedder:
                     self._misses += 1
                     QUERY_CACHE.misses.labels(kind).inc()
                     # Its own task: a caller that goes away (deadline, cancel) does not
-                    # take the encoding away from the others waiting for it.
-                    flight.task = asyncio.ensure_future(self._fill(flight_key, flight, encode))
+                    # take the encoding away from the others waiting for it; nor does its
+                    # deadline bound the encoding (it ends when the last caller leaves).
+                    flight.task = asyncio.get_running_loop().create_task(
+                        self._fill(flight_key, flight, encode), context=shared_context()
+                    )
         try:
             return await asyncio.shield(asyncio.wrap_future(flight.result))
         except VpmError as err:

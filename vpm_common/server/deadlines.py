@@ -10,6 +10,7 @@ call inherit it, as asyncio copies context variables into new tasks.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import time
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -36,3 +37,12 @@ def capped(timeout_s: float | None) -> float | None:
         return timeout_s
     left = max(0.0, deadline - time.monotonic())
     return left if timeout_s is None else min(timeout_s, left)
+
+
+def shared_context() -> contextvars.Context:
+    """The current context without the caller's deadline, for work done for several callers
+    (one encoding that identical queries wait for): one caller's deadline must not cut
+    short the answer the others wait for. Each caller still leaves at its own deadline."""
+    context = contextvars.copy_context()
+    context.run(_DEADLINE.set, None)
+    return context

@@ -21,6 +21,7 @@ from tests.support import ServerThread, free_port
 from vpm.v1 import search_pb2
 from vpm_common.encoder_client.encoder_pool import EncoderPool
 from vpm_common.errors import InvalidArgument, Unavailable
+from vpm_common.server.deadlines import caller_deadline
 
 TINY_DIM = 64
 
@@ -302,6 +303,41 @@ def test_a_caller_that_goes_away_leaves_the_encoding_to_the_others(
     cancelled, result, calls, stats = with_cache(real_encoder.target, work)
     assert cancelled and result.model_id == "VPM-Tiny/random-seed0"
     assert calls == 1 and stats.entries == 1
+
+
+class CallWithDeadline:
+    """A STAND-IN for a grpc ServicerContext (named as one): only its time left."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def time_remaining(self) -> float:
+        return self.seconds
+
+
+def test_one_callers_short_deadline_does_not_cut_the_encoding_others_wait_for(
+    make_encoder: Callable[..., tuple[ServerThread, Any]],
+) -> None:
+    # A batch that waits 600 ms to fill: longer than the first caller's 200 ms.
+    server, _app = make_encoder(max_batch=8, max_delay_ms=600.0)
+
+    async def hurried(cache: CachingEmbedder) -> Embedding:
+        with caller_deadline(CallWithDeadline(0.2)):
+            return await cache.embed_text("a red dress")
+
+    async def work(cache: CachingEmbedder, _uncached, pool: CountingPool):
+        await cache.embed_text("warm-up")  # the pool knows the encoder's model, as when serving
+        first = asyncio.ensure_future(hurried(cache))
+        while not cache._flights:  # the first caller's encoding is under way
+            await asyncio.sleep(0.001)
+        patient = await cache.embed_text("a red dress")  # joins it
+        return patient, await asyncio.gather(first, return_exceptions=True), pool.text_calls
+
+    patient, (first,), calls = with_cache(server.target, work)
+    assert calls == 2  # the warm-up, then one for both
+    # The first caller's own call would have ended at its deadline (gRPC cancels it there);
+    # the shared encoding did not, and answered both.
+    assert first is patient and patient.vector.shape == (TINY_DIM,)
 
 
 def test_when_every_caller_has_gone_the_encoding_is_dropped(
