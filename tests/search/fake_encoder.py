@@ -47,6 +47,7 @@ class FakeEncoder(encoder_pb2_grpc.EncoderServicer):
         self.delay_s = 0.0
         self.max_request_images = 64
         self.max_request_bytes = 0  # 0: not said
+        self.max_batch = 0  # 0: not said
 
     async def _gate(self, context: aio.ServicerContext) -> None:
         self.calls += 1
@@ -128,6 +129,7 @@ class FakeEncoder(encoder_pb2_grpc.EncoderServicer):
             random_weights=True,
             max_request_images=self.max_request_images,
             max_request_bytes=self.max_request_bytes,
+            max_batch=self.max_batch,
         )
 
 

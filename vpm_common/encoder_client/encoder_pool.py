@@ -336,10 +336,14 @@ class EncoderPool:
         run.refuse_larger(most_bytes)
         if not run.pending:
             return
+        # Requests of one inference batch: the encoder admits a request whole or refuses it,
+        # and one as large as its queue (max_request_images) fits only when nothing else
+        # is in flight, so beside any other load it would be refused on every attempt.
+        limits = [n for n in (info.max_batch, info.max_request_images) if n > 0]
         chunks = _chunks(
             run.pending,
             [len(data) for data in run.images],
-            info.max_request_images or DEFAULT_REQUEST_IMAGES,
+            min(limits, default=DEFAULT_REQUEST_IMAGES),
             most_bytes,
         )
         requests = [

@@ -230,6 +230,22 @@ def test_a_long_run_of_images_travels_in_requests_of_the_encoders_size(
     assert encoded.errors == {10: (3, "image data is truncated or corrupt")}
 
 
+def test_requests_carry_one_inference_batch_not_a_whole_queue(fake_encoders: Callable) -> None:
+    # An encoder admits a request whole: one as large as its queue would be refused
+    # whenever anything else is in flight there.
+    fake, server = fake_encoders(dim=8)
+    fake.max_batch, fake.max_request_images = 2, 8
+    images = [b"img%d" % i for i in range(7)]
+
+    async def work(pool: EncoderPool):
+        return await pool.encode_image_batch(images)
+
+    encoded = run_with_pool([server.target], work)
+    assert fake.batches == 4 and fake.calls == 1  # ceil(7 / 2) requests on one stream
+    expected = np.array([fake_vector(data, 8) for data in images])
+    np.testing.assert_allclose(encoded.vectors, expected, rtol=1e-6)
+
+
 def test_requests_stay_within_the_encoders_byte_limit(fake_encoders: Callable) -> None:
     fake, server = fake_encoders(dim=8)
     fake.max_request_bytes = 64 * 1024 + 250  # the message around the images takes 64 KB
