@@ -221,6 +221,11 @@ async def _read_batches(
             task.add_done_callback(answers.discard)
         if answers:
             await asyncio.gather(*answers)
+    except InvalidArgument:
+        # The batches before the refused message still get their one reply each.
+        if answers:
+            await asyncio.gather(*answers)
+        raise
     finally:
         replies.put_nowait(None)
 

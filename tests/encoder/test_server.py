@@ -298,6 +298,28 @@ def test_image_batch_limits_and_empty_batches(encoder_server: ServerThread) -> N
     assert "at most 64 images" in caught.value.details()
 
 
+def test_a_refused_message_ends_the_stream_after_the_answers_to_those_before_it(
+    make_encoder,
+) -> None:
+    # Batches before the bad one are in flight (a 300 ms wait for a batch of 8 to fill)
+    # when it arrives: each still gets its one reply, then the call fails.
+    thread, _ = make_encoder(max_batch=8, max_delay_ms=300.0)
+    stub = stub_for(thread.target)
+    good = [
+        encoder_pb2.ImageBatch(id=str(n), images=[images.jpeg(64, 64, seed=n)] * 2)
+        for n in range(2)
+    ]
+    bad = encoder_pb2.ImageBatch(id="bad", images=[images.jpeg(64, 64)], dtype=7)
+    replies = []
+    with pytest.raises(grpc.RpcError) as caught:
+        for reply in stub.EncodeImageBatches(iter([*good, bad]), timeout=30):
+            replies.append(reply)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == "dtype: unknown vector dtype 7"
+    assert sorted(reply.id for reply in replies) == ["0", "1"]
+    assert all(reply.vectors.rows == 2 and not reply.errors for reply in replies)
+
+
 def test_an_image_batch_the_queue_cannot_take_is_refused_row_by_row(make_encoder) -> None:
     # The stream's window (16) takes the batches of 5 faster than the first one runs
     # (a 300 ms wait for a batch of 8 to fill), but the queue holds only 6 images.
