@@ -123,6 +123,12 @@ def test_indexer_is_a_one_shot_job_over_the_mounted_catalog(spec: dict) -> None:
     assert (DEPLOY / default_catalog).resolve() == ROOT / "data" / "demo-catalog"
 
 
+def test_search_is_published_on_the_hosts_loopback_only(spec: dict) -> None:
+    # Plaintext and without tokens by default, and its RPCs change the catalog.
+    (published,) = spec["services"]["search"]["ports"]
+    assert published.startswith("127.0.0.1:") and published.endswith(":50052")
+
+
 def test_the_page_reads_search_and_the_catalog_and_listens_on_loopback(spec: dict) -> None:
     web, indexer = spec["services"]["web"], spec["services"]["indexer"]
     command = web["command"]
