@@ -23,6 +23,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"web: {err}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    if settings.images is not None and not settings.images.exists():
+        logger.warning(
+            "--images %s does not exist (yet): thumbnails are missing until it does",
+            settings.images,
+        )
     server = create_server(settings)
     logger.info(
         "search page for %s, images %s: starting on %s:%d",

@@ -36,8 +36,9 @@ class WebSettings(ClientGuards):
     def __post_init__(self) -> None:
         check(0 <= self.port <= 65535, "port", f"must be 0 to 65535, got {self.port}")
         check(bool(self.search.strip()), "search", "must not be empty")
-        if self.images is not None:
-            check(self.images.is_dir(), "images", f"{self.images} is not a folder")
+        if self.images is not None:  # missing is allowed: a volume may be filled later
+            images = self.images
+            check(not images.exists() or images.is_dir(), "images", f"{images} is not a folder")
         check(16 <= self.thumbnail_size <= 2048, "thumbnail_size", "must be 16 to 2048")
         check(self.thumbnail_cache_bytes >= 0, "thumbnail_cache_bytes", "must not be negative")
         check(self.max_upload_bytes >= 1024, "max_upload_bytes", "must be at least 1024")

@@ -89,6 +89,20 @@ def test_pictures_come_from_image_url_or_the_thumbnail_route(page: RunningPage) 
                      "p3": "/thumbnails/shop/p3.jpg"}  # fmt: skip
 
 
+def test_an_images_folder_that_appears_later_serves_thumbnails_then(
+    search: RunningSearch, start_page: Callable[..., RunningPage], tmp_path: Path
+) -> None:
+    # As in Kubernetes, where the page may start before the catalog volume is filled.
+    folder = tmp_path / "not-yet"
+    page = start_page(search=search.thread.target, images=folder)
+    assert page.get("/healthz").status == 200
+    assert page.get("/thumbnails/shop/p3.jpg").status == 404
+    (folder / "shop").mkdir(parents=True)
+    (folder / "shop" / "p3.jpg").write_bytes(images.jpeg(200, 100))
+    reply = page.get("/thumbnails/shop/p3.jpg")
+    assert reply.status == 200 and reply.headers["content-type"] == "image/jpeg"
+
+
 def test_facets_count_what_the_catalog_holds(page: RunningPage, search: RunningSearch) -> None:
     reply = page.get("/api/facets?field=base_colour&field=year&filter.gender=Men").json()
     men = [p for p in search.products if p.gender == "Men"]
