@@ -487,12 +487,11 @@ class SearchEngine:
                 with_vectors.append(len(slots))
             sent.add(product.id)
             slots.append((product, item.vector))
-        vectors = {i: slots[i][1] for i in with_vectors}
         named, kept = await self._with_encoder_model([slots[i][0] for i in with_vectors], summary)
-        for i in with_vectors:
-            slots[i] = None  # failed, unless kept below
-        for product, position in zip(named, kept, strict=True):
-            slots[with_vectors[position]] = (product, vectors[with_vectors[position]])
+        named_at = dict(zip(kept, named, strict=True))
+        for position, i in enumerate(with_vectors):
+            product = named_at.get(position)  # None: no encoder named its model (noted)
+            slots[i] = None if product is None else (product, slots[i][1])
         if images:
             encoded = await self._encode([(product, data) for _, product, data in images], summary)
             for (i, _product, _data), outcome in zip(images, encoded, strict=True):
