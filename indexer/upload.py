@@ -96,15 +96,26 @@ class Uploader:
         """Send what is left and wait until every batch is acknowledged (or raise)."""
         if self._batch.products:
             await self._hand_over()
-        await self._queue.put(None)
+        await self._put(None)
         await self._sender
         return self.totals
 
     async def _hand_over(self) -> None:
-        if self._sender.done():
-            self._sender.result()  # the sender failed: raise its error here
         batch, self._batch = self._batch, _Batch()
-        await self._queue.put(batch.message())
+        await self._put(batch.message())
+
+    async def _put(self, message: search_pb2.ProductBatch | None) -> None:
+        """Queue `message` for the sender, or raise the sender's error: once it has failed,
+        nothing reads a full queue again, and waiting on the queue alone waits for ever."""
+        if self._sender.done():
+            self._sender.result()
+        put = asyncio.ensure_future(self._queue.put(message))
+        try:
+            await asyncio.wait({put, self._sender}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            put.cancel()  # a no-op once it is done
+        if not put.done() or put.cancelled():
+            self._sender.result()
 
     async def _send_batches(self) -> None:
         while (batch := await self._queue.get()) is not None:

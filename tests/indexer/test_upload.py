@@ -109,6 +109,25 @@ def test_a_batch_waits_out_a_search_service_that_is_not_up_yet(tmp_path: Path) -
         engine.close()
 
 
+def test_adding_raises_once_the_sender_gave_up_with_batches_still_queued() -> None:
+    """Encoding runs ahead of the uploads: with the queue full when the service is given up
+    on, the next add (and close) raise its error instead of waiting for ever."""
+    vector = np.ones(DIM, np.float32) / np.sqrt(DIM)
+
+    async def upload() -> None:
+        client = SearchClient(f"127.0.0.1:{free_port()}", timeout_s=1, retry_s=0.5)  # no one
+        uploader = Uploader(client, batch_size=1)
+        try:
+            for i in range(6):  # one sent, two queued, then a fourth waits for room
+                await uploader.add(search_pb2.Product(id=f"p{i}"), vector, "test-model")
+            await uploader.close()
+        finally:
+            await client.close()
+
+    with pytest.raises(SearchUnavailable, match="did not take a batch of 1: UNAVAILABLE"):
+        asyncio.run(asyncio.wait_for(upload(), 30))
+
+
 def test_metadata_alone_goes_without_vectors_and_the_stored_ones_stay(tmp_path: Path) -> None:
     engine = SearchEngine(Catalog.open(f"sqlite:///{tmp_path}/catalog.db"), tmp_path / "data")
     engine.load()
