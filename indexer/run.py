@@ -126,7 +126,7 @@ async def run(settings: IndexerSettings) -> Summary:
         stored = await _prepare(settings, discovery, encoders, search, summary)
         search.retry_s = settings.stall_s  # running: wait out a restart of the service
         delete = to_prune(discovery.items, stored) if settings.prune else []
-        _check_prune(delete, len(stored), settings.prune_limit)
+        _check_prune(delete, len(stored), settings.prune_limit, discovery.incomplete)
         if settings.dry_run:
             plan = await _whole_plan(settings, discovery, stored, summary.model_id)
             plan.delete = delete
@@ -171,8 +171,17 @@ async def _prepare(
     return stored
 
 
-def _check_prune(delete: list[str], stored: int, limit: float) -> None:
-    """A wrong or empty catalog path must not wipe the catalog: big prunes need saying so."""
+def _check_prune(
+    delete: list[str], stored: int, limit: float, incomplete: tuple[str, str] | None
+) -> None:
+    """A wrong or empty catalog path must not wipe the catalog: big prunes need saying so;
+    and a catalog not read whole must not prune what was not read."""
+    if delete and incomplete is not None:
+        where, what = incomplete
+        raise SetupError(
+            f"--prune refused: the catalog was not read whole ({where}: {what}), and the "
+            "products not read would be deleted as gone; mend that, or run without --prune"
+        )
     if delete and len(delete) > limit * stored:
         raise SetupError(
             f"--prune would delete {len(delete)} of the catalog's {stored} products "

@@ -61,9 +61,17 @@ class Discovery:
     items: list[SourceItem] = field(default_factory=list)
     # (where, what): malformed rows, missing or ambiguous images, duplicate ids...
     problems: list[tuple[str, str]] = field(default_factory=list)
+    # The first problem that left products unread (rows not parsed, a folder not listed):
+    # their ids are not known, so a prune would take them for gone.
+    incomplete: tuple[str, str] | None = None
 
     def problem(self, where: str, what: str) -> None:
         self.problems.append((where, what))
+
+    def unread(self, where: str, what: str) -> None:
+        """A problem that may hide products."""
+        self.problem(where, what)
+        self.incomplete = self.incomplete or (where, what)
 
 
 def image_names(folder: Path) -> Iterator[str]:
@@ -124,7 +132,7 @@ def _styles_rows(styles: Path, found: Discovery) -> Iterator[tuple[int, dict[str
         try:
             yield from _usable_rows(reader, styles.name, found)
         except csv.Error as error:  # e.g. a field over the csv module's size limit
-            found.problem(
+            found.unread(
                 f"{styles.name}:{reader.line_num}", f"{error}; the rest of the file is not read"
             )
 
@@ -147,7 +155,7 @@ def _usable_rows(reader: Any, name: str, found: Discovery) -> Iterator[tuple[int
             continue
         if line > first and any("\n" in value or "\r" in value for value in values):
             # Most often an unclosed quote, which swallows the rows after it.
-            found.problem(
+            found.unread(
                 f"{name}:{first}",
                 f"a quoted field runs over lines {first}-{line} (an unclosed quote?); row skipped",
             )
@@ -157,7 +165,7 @@ def _usable_rows(reader: Any, name: str, found: Discovery) -> Iterator[tuple[int
             # column; they belong to the name.
             values = values[: len(header) - 1] + [",".join(values[len(header) - 1 :])]
         if len(values) != len(header):
-            found.problem(
+            found.unread(
                 f"{name}:{line}", f"{len(values)} fields, expected {len(header)}; row skipped"
             )
             continue
@@ -247,7 +255,11 @@ def walk_images(root: Path, found: Discovery) -> list[Path]:
     """
     visited: set[tuple[int, int]] = set()
     chosen: dict[tuple[int, int], Path] = {}
-    for folder, subfolders, files in os.walk(root, followlinks=True):
+
+    def unlisted(error: OSError) -> None:  # e.g. no permission, a stale network mount
+        found.unread(str(error.filename), f"folder not listed ({error.strerror}); skipped")
+
+    for folder, subfolders, files in os.walk(root, onerror=unlisted, followlinks=True):
         folder_stat = os.stat(folder)
         if (folder_stat.st_dev, folder_stat.st_ino) in visited:
             subfolders[:] = []  # a link loop, or a second link to a folder already walked

@@ -152,6 +152,14 @@ def test_a_prune_that_would_empty_the_catalog_is_refused(stack: Stack, tmp_path:
     assert f"no product with an image in {empty} (image files end in .jpg" in done.stderr
     assert "--prune would delete 10 of the catalog's 10 products" in done.stderr
     assert len(catalog_ids(stack)) == 10
+    # An unclosed quote swallows the rows after it: they are not read, not gone.
+    rows = (catalog / "styles.csv").read_text().splitlines()
+    rows[3] = rows[3] + ',"unclosed'
+    (catalog / "styles.csv").write_text("\n".join(rows) + "\n")
+    status, _summary, output = index(stack, catalog, "--prune", "--prune-limit", "1")
+    assert status == 2, output
+    assert "--prune refused: the catalog was not read whole (styles.csv:4: " in output
+    assert len(catalog_ids(stack)) == 10
 
 
 def count(stack: Stack) -> int:

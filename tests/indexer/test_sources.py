@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from indexer.sources import STYLES_COLUMNS, fashion_catalog, folder_catalog
 from tests import images
@@ -48,6 +51,26 @@ def test_fashion_layout_reads_rows_and_reports_bad_ones(tmp_path: Path) -> None:
     assert "duplicate id '5'" in problems["styles.csv:8"]
     # 3's row was malformed, 9 has none: neither is indexed, both are named.
     assert "2 image(s) with no styles.csv row, not indexed: 3, 9" in problems[str(folder)]
+    # A malformed row hides a product (3 here): the listing is not whole, a prune not safe.
+    assert found.incomplete == ("styles.csv:4", problems["styles.csv:4"])
+
+
+def test_a_listing_with_only_rows_of_no_product_is_whole(tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "1.jpg").write_bytes(b"x")
+    styles = write_styles(
+        tmp_path / "styles.csv",
+        [
+            "1,Men,Apparel,Topwear,Tshirts,Navy Blue,Fall,2011.0,Casual,One",
+            "1,Men,Apparel,Topwear,Tshirts,Navy Blue,Fall,2011.0,Casual,One again",
+            "2,Men,Apparel,Topwear,Tshirts,Navy Blue,Fall,2011.0,Casual,No image",
+            ",Men,Apparel,Topwear,Tshirts,White,Fall,2012,Casual,No id",
+        ],
+    )
+    found = fashion_catalog(styles, folder)
+    assert [item.id for item in found.items] == ["1"] and len(found.problems) == 3
+    assert found.incomplete is None
 
 
 def test_case_insensitive_extensions_never_count_a_file_twice(tmp_path: Path) -> None:
@@ -106,6 +129,29 @@ def test_folder_layout_lists_what_is_not_a_regular_file_as_a_problem(tmp_path: P
     ]
 
 
+def test_a_folder_that_cannot_be_listed_is_reported_and_the_listing_not_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "bags").mkdir()
+    (tmp_path / "shoes").mkdir()
+    (tmp_path / "bags" / "b1.jpg").write_bytes(b"x")
+    (tmp_path / "shoes" / "s1.jpg").write_bytes(b"x")
+    scandir = os.scandir
+
+    def refusing(path: Any) -> Any:
+        # A stand-in for a folder without read permission: root, as the tests run, reads all.
+        if Path(path) == tmp_path / "shoes":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    found = folder_catalog(tmp_path)
+    assert [item.id for item in found.items] == ["b1"]
+    shoes = str(tmp_path / "shoes")
+    assert found.problems == [(shoes, "folder not listed (Permission denied); skipped")]
+    assert found.incomplete == found.problems[0]
+
+
 def test_a_spreadsheets_byte_order_mark_and_odd_years_are_read(tmp_path: Path) -> None:
     folder = tmp_path / "images"
     folder.mkdir()
@@ -145,6 +191,7 @@ def test_an_unclosed_quote_is_reported_not_swallowed_silently(tmp_path: Path) ->
     assert problems["styles.csv:3"] == (
         "a quoted field runs over lines 3-4 (an unclosed quote?); row skipped"
     )
+    assert found.incomplete == ("styles.csv:3", problems["styles.csv:3"])
 
 
 def test_a_field_over_the_csv_limit_is_reported_and_the_rows_before_it_kept(
@@ -165,6 +212,7 @@ def test_a_field_over_the_csv_limit_is_reported_and_the_rows_before_it_kept(
     where, what = found.problems[0]
     assert where.startswith("styles.csv:") and what.endswith("; the rest of the file is not read")
     assert "field larger than field limit" in what
+    assert found.incomplete == (where, what)
 
 
 def test_a_file_name_in_another_encoding_is_reported_and_skipped(tmp_path: Path) -> None:
