@@ -55,7 +55,13 @@ async def delete_products(search: SearchClient, ids: list[str], chunk: int = 100
     """Delete `ids`, `chunk` a call: how many were there."""
     deleted = 0
     for start in range(0, len(ids), chunk):
-        deleted += (await search.delete(ids[start : start + chunk])).deleted
+        try:
+            deleted += (await search.delete(ids[start : start + chunk])).deleted
+        except aio.AioRpcError as error:
+            raise SearchUnavailable(
+                f"search {search.target} did not delete {len(ids) - start} products "
+                f"(--prune; {deleted} deleted): {error.code().name}: {error.details()}"
+            ) from None
     return deleted
 
 

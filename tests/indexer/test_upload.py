@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.upload import SearchUnavailable, Uploader, UploadTotals
+from indexer.upload import SearchUnavailable, Uploader, UploadTotals, delete_products
 from search_service.engine import SearchEngine
 from search_service.storage.catalog import Catalog
 from tests.search.conftest import serve_engine
@@ -126,6 +126,18 @@ def test_adding_raises_once_the_sender_gave_up_with_batches_still_queued() -> No
 
     with pytest.raises(SearchUnavailable, match="did not take a batch of 1: UNAVAILABLE"):
         asyncio.run(asyncio.wait_for(upload(), 30))
+
+
+def test_a_prune_the_service_does_not_take_stops_with_the_reason() -> None:
+    async def prune() -> int:
+        client = SearchClient(f"127.0.0.1:{free_port()}", timeout_s=1, retry_s=0.5)  # no one
+        try:
+            return await delete_products(client, ["a", "b", "c"], chunk=2)
+        finally:
+            await client.close()
+
+    with pytest.raises(SearchUnavailable, match=r"did not delete 3 products \(--prune; 0 deleted"):
+        asyncio.run(prune())
 
 
 def test_metadata_alone_goes_without_vectors_and_the_stored_ones_stay(tmp_path: Path) -> None:
