@@ -2,7 +2,8 @@
 
 Exit status: 0 when everything found was indexed (or was already), 1 when
 some images or products failed (each is listed), 2 when the run could not
-start (bad settings, services unreachable, model mismatch).
+start (bad settings, services unreachable, model mismatch), 130 on Ctrl-C
+and 143 on SIGTERM (as `docker stop` or a deleted Kubernetes Job sends).
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import signal
 import sys
+from pathlib import Path
 
 from indexer.encoding import EncodingError
 from indexer.run import SetupError, Summary, run
@@ -35,21 +39,72 @@ def main(argv: list[str] | None = None) -> int:
         print(f"indexer: {error}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    summary = Summary(dry_run=settings.dry_run)
+    status = _run(settings, summary)
+    if settings.summary_json:
+        try:
+            _write_json(settings.summary_json, summary.as_dict())
+        except OSError as error:
+            logger.error("could not write --summary-json %s: %s", settings.summary_json, error)
+            return status or 1
+    return status
+
+
+def _run(settings: IndexerSettings, summary: Summary) -> int:
+    """Run, report, and return the exit status; why the run stopped early, if it did,
+    goes in `summary.stopped` (and so in --summary-json) as well as in the log."""
+    kept = "what was acknowledged is kept, run again to finish"
     try:
-        summary = asyncio.run(run(settings))
+        asyncio.run(_until_terminated(settings, summary))
+    except Terminated:
+        summary.stopped = "terminated (SIGTERM)"
+        logger.error("%s; %s", summary.stopped, kept)
+        return 128 + signal.SIGTERM
     except SetupError as error:
-        logger.error("cannot start: %s", error)
+        summary.stopped = f"cannot start: {error}"
+        logger.error("%s", summary.stopped)
         return 2
     except (EncodingError, SearchUnavailable) as error:
-        logger.error("run stopped: %s; what was acknowledged is kept, run again to finish", error)
+        summary.stopped = f"run stopped: {error}"
+        logger.error("%s; %s", summary.stopped, kept)
         return 1
     except KeyboardInterrupt:
-        logger.error("interrupted; what was acknowledged is kept, run again to finish")
+        summary.stopped = "interrupted"
+        logger.error("%s; %s", summary.stopped, kept)
         return 130
     report(summary)
-    if settings.summary_json:
-        settings.summary_json.write_text(json.dumps(summary.as_dict(), indent=2))
     return 1 if summary.failed else 0
+
+
+def _write_json(path: Path, content: dict) -> None:
+    """Written whole or not at all: a reader never finds half a summary."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(content, indent=2))
+    os.replace(partial, path)
+
+
+class Terminated(Exception):
+    """The run was stopped by SIGTERM."""
+
+
+async def _until_terminated(settings: IndexerSettings, summary: Summary) -> Summary:
+    """The run, cancelled on SIGTERM as Ctrl-C cancels it: its cleanup runs (connections
+    closed) and it says it stopped, rather than dying silently mid-batch."""
+    task = asyncio.current_task()
+    terminated = False
+
+    def terminate() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, terminate)
+    try:
+        return await run(settings, summary)
+    except asyncio.CancelledError:
+        if terminated:
+            raise Terminated from None
+        raise
 
 
 def report(summary: Summary) -> None:

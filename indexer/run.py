@@ -66,6 +66,7 @@ class Summary:
     encoder_spread: dict[str, int] = field(default_factory=dict)
     model_id: str = ""
     dry_run: bool = False
+    stopped: str = ""  # why the run stopped before the end; empty when it finished
 
     @property
     def rate(self) -> float:
@@ -87,6 +88,7 @@ class Summary:
             "encoder_spread": self.encoder_spread,
             "model_id": self.model_id,
             "dry_run": self.dry_run,
+            "stopped": self.stopped,
         }
 
 
@@ -96,9 +98,19 @@ def discover(settings: IndexerSettings) -> Discovery:
     return fashion_catalog(settings.styles, settings.images)
 
 
-async def run(settings: IndexerSettings) -> Summary:
+async def run(settings: IndexerSettings, summary: Summary | None = None) -> Summary:
+    """Index the catalog on disk; `summary` (a new one by default) is filled in as it goes,
+    so that a caller holds what was done when the run stops early."""
     started = time.monotonic()
-    summary = Summary(dry_run=settings.dry_run)
+    summary = summary or Summary(dry_run=settings.dry_run)
+    try:
+        await _run(settings, summary)
+    finally:
+        summary.elapsed_s = time.monotonic() - started
+    return summary
+
+
+async def _run(settings: IndexerSettings, summary: Summary) -> None:
     discovery = await asyncio.to_thread(discover, settings)
     summary.found = len(discovery.items)
     summary.problems = discovery.problems
@@ -137,8 +149,6 @@ async def run(settings: IndexerSettings) -> Summary:
         summary.encoder_spread = encoders.spread()
         await pool.close()
         await search.close()
-    summary.elapsed_s = time.monotonic() - started
-    return summary
 
 
 async def _prepare(

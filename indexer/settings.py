@@ -65,6 +65,9 @@ class IndexerSettings(ClientGuards):
         check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
         check(self.timeout_s > 0, "timeout_s", "must be positive")
         check(self.stall_s > 0, "stall_s", "must be positive")
+        if self.summary_json is not None:
+            folder = self.summary_json.parent
+            check(folder.is_dir(), "summary_json", f"{folder} is not a folder")
         self.check_client_guards()
 
     def hash_workers(self) -> int:
