@@ -162,7 +162,9 @@ class _Run:
         # Taken, not yet encoded: sent again (by the driver that put it there, if no other).
         self.again: list[list[Job]] = []
         self.on_outcome = on_outcome
-        self.last_progress = time.monotonic()
+        # When the first request sent since the last answer was sent: the stall clock. Not
+        # the run's start: hashing unchanged files for a while is no silence of the encoders.
+        self.failing_since: float | None = None
         self.pause_s = 0.5
 
     async def until_done(self) -> None:
@@ -187,6 +189,7 @@ class _Run:
             await self._encode(jobs)
 
     async def _encode(self, jobs: list[Job]) -> None:
+        sent = time.monotonic()
         try:
             encoded = await self.encoder.pool.encode_image_batch(
                 [job.data for job in jobs], timeout_s=self.encoder.stall_s
@@ -208,12 +211,14 @@ class _Run:
             else:
                 await self._settle(Outcome(job, encoded.vectors[row]))
         if retry:
-            await self._wait_before_again(retry, codes)
+            await self._wait_before_again(retry, codes, sent)
 
-    async def _wait_before_again(self, retry: list[Job], codes: dict) -> None:
-        """Nobody could take these now: pause, then queue them again, unless nothing has
-        answered for stall_s."""
-        silent_s = time.monotonic() - self.last_progress
+    async def _wait_before_again(self, retry: list[Job], codes: dict, sent: float) -> None:
+        """Nobody could take these now (sent at `sent`): pause, then queue them again, unless
+        nothing has answered for stall_s."""
+        if self.failing_since is None:
+            self.failing_since = sent
+        silent_s = time.monotonic() - self.failing_since
         if silent_s > self.encoder.stall_s:
             reasons = {message for code, message in codes.values() if code in RETRY_CODES}
             raise EncodingError(
@@ -225,7 +230,7 @@ class _Run:
         self.again.append(retry)
 
     async def _settle(self, outcome: Outcome) -> None:
-        self.last_progress = time.monotonic()
+        self.failing_since = None
         self.pause_s = 0.5
         await self.on_outcome(outcome)
 

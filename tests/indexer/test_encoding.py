@@ -147,6 +147,45 @@ def test_when_every_encoder_is_gone_for_stall_s_the_run_stops_with_the_reason(
     assert 4 <= max(done) < 40  # what was answered was reported; the rest was not
 
 
+def test_the_stall_clock_starts_at_the_first_unanswered_request_not_at_the_start(
+    make_encoder,
+) -> None:
+    """As a run that hashes unchanged files for longer than --stall-s, then meets an encoder
+    restarting: it waits the encoder out rather than giving up at its first refusal."""
+    port = free_port()
+    jobs = Jobs()
+    outcomes: list[Outcome] = []
+    restarted: list = []
+
+    async def main() -> None:
+        first, _ = make_encoder(port=port)
+        pool = EncoderPool([first.target])
+        encoder = FileEncoder(pool, stall_s=5)
+        try:
+            await encoder.connect(timeout_s=5)
+
+            async def produce() -> None:
+                await asyncio.sleep(6)  # hashing unchanged files: longer than stall_s
+                await asyncio.to_thread(first.stop, 0)
+                jobs.put(make_jobs(1)[0])
+                jobs.close()
+                await asyncio.sleep(1)  # then the encoder is back, within stall_s
+                restarted.append(await asyncio.to_thread(make_encoder, port=port))
+
+            producer = asyncio.create_task(produce())
+            await encoder.encode(jobs, lambda outcome: _append(outcomes, outcome))
+            await producer
+        finally:
+            await pool.close()
+
+    asyncio.run(main())
+    assert restarted and [outcome.error for outcome in outcomes] == [""]
+
+
+async def _append(outcomes: list[Outcome], outcome: Outcome) -> None:
+    outcomes.append(outcome)
+
+
 def test_a_producer_waits_for_room_and_goes_on_as_jobs_are_taken() -> None:
     async def main() -> list[str]:
         jobs = Jobs(limit=3)
