@@ -37,6 +37,17 @@ FORMATS = tuple(
 )
 
 
+# How many times longer than wide (or wider than tall) an image may be. open_clip resizes the
+# shortest side to the model's input size before its centre crop, so a thin image is scaled
+# up first: a 100-byte PNG of 20000x1 became 224 x 4,480,000 pixels, gigabytes and seconds
+# of work for one image. No product photo is that thin; panoramas are ~10:1.
+MAX_ASPECT_RATIO = 100
+
+
+def too_thin(width: int, height: int) -> bool:
+    return max(width, height) > MAX_ASPECT_RATIO * min(width, height)
+
+
 @dataclass(frozen=True)
 class ImageLimits:
     max_bytes: int = 20 * 1024 * 1024
@@ -72,6 +83,11 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
         raise InvalidArgument(
             f"image is {width}x{height} = {width * height} pixels, "
             f"over the limit of {limits.max_pixels} pixels"
+        )
+    if too_thin(width, height):
+        raise InvalidArgument(
+            f"image is {width}x{height}: one side over {MAX_ASPECT_RATIO} times the other "
+            "(it would be scaled up to that many times its short side's square before cropping)"
         )
     try:
         image.load()

@@ -21,6 +21,8 @@ import re
 import struct
 from dataclasses import dataclass
 
+from encoder_service.preprocess.images import too_thin
+
 SOI = b"\xff\xd8"
 EOI = b"\xff\xd9"
 SOF_BASELINE, SOF_PROGRESSIVE = 0xC0, 0xC2
@@ -58,8 +60,8 @@ def read_jpeg_header(data: bytes, max_bytes: int, max_pixels: int) -> JpegHeader
         header, scan_start = _read_markers(data)
     except (_NotPlain, IndexError, struct.error):
         return None
-    if header.width * header.height > max_pixels:
-        return None
+    if header.width * header.height > max_pixels or too_thin(header.width, header.height):
+        return None  # Pillow's path refuses it, saying why
     # A missing end marker is how a truncated upload looks; Pillow reports it as such.
     if data.rfind(EOI) <= scan_start:
         return None

@@ -36,6 +36,8 @@ LIMITS = ImageLimits(max_bytes=2_000_000, max_pixels=20_000_000)
         (b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF", "not a recognized image"),
         (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "not a recognized image"),
         (b"\x00" * 2_000_001, "over the limit of 2000000"),
+        (images.encode(images.picture(20_000, 1), "PNG"), "image is 20000x1: one side over 100"),
+        (images.encode(images.picture(1, 5_000), "PNG"), "image is 1x5000: one side over 100"),
     ],
     ids=[
         "empty",
@@ -50,6 +52,8 @@ LIMITS = ImageLimits(max_bytes=2_000_000, max_pixels=20_000_000)
         "pdf",
         "eps",
         "too-many-bytes",
+        "20000x1",
+        "1x5000",
     ],
 )
 def test_bad_images_are_invalid_arguments_with_a_reason(data: bytes, message: str) -> None:
@@ -62,6 +66,7 @@ def test_bad_images_are_invalid_arguments_with_a_reason(data: bytes, message: st
     ("data", "size"),
     [
         (images.encode(images.picture(1, 1), "PNG"), (1, 1)),
+        (images.encode(images.picture(100, 1), "PNG"), (100, 1)),  # as thin as may be
         (images.animated_gif(120, 90), (120, 90)),
         (images.cmyk_jpeg(300, 200), (300, 200)),
         (images.sixteen_bit_png(200, 150), (200, 150)),
@@ -70,7 +75,17 @@ def test_bad_images_are_invalid_arguments_with_a_reason(data: bytes, message: st
         (images.encode(images.picture(64, 48), "BMP"), (64, 48)),
         (images.encode(images.picture(64, 48), "TIFF"), (64, 48)),
     ],
-    ids=["1x1", "animated-gif", "cmyk-jpeg", "16-bit-png", "alpha-png", "webp", "bmp", "tiff"],
+    ids=[
+        "1x1",
+        "100x1",
+        "animated-gif",
+        "cmyk-jpeg",
+        "16-bit-png",
+        "alpha-png",
+        "webp",
+        "bmp",
+        "tiff",
+    ],
 )
 def test_unusual_but_valid_images_decode(data: bytes, size: tuple[int, int]) -> None:
     assert decode_image(data, LIMITS).size == size

@@ -113,6 +113,8 @@ def test_the_limits_are_checked_from_the_header_alone() -> None:
     data[sof + 5 : sof + 9] = struct.pack(">HH", 30_000, 30_000)
     assert read(bytes(data)) is None
     assert read_jpeg_header(bytes(data), MAX_BYTES, 10**9) is not None
+    data[sof + 5 : sof + 9] = struct.pack(">HH", 20, 30_000)  # 30000x20: too thin
+    assert read_jpeg_header(bytes(data), MAX_BYTES, 10**9) is None
 
 
 EXIF_JPEG = with_segment(with_segment(SMALL, 0xE1, XMP_6), 0xE1, exif_block(8, ">"))
