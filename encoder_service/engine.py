@@ -32,6 +32,12 @@ from vpm_common.errors import Cancelled, InvalidArgument, ResourceExhausted, Vpm
 
 logger = logging.getLogger(__name__)
 
+# Longest run of a text without a space: open_clip's BPE takes time growing with the square
+# of a word's length (seconds for a word of thousands of letters), holding the interpreter
+# lock. Words, compounds and short URLs fit; a run of letters of a script written without
+# spaces is one word to the tokenizer, and this allows a long sentence of one.
+MAX_WORD_CHARS = 100
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -106,6 +112,9 @@ class EncoderEngine:
         self._workers = ThreadPoolExecutor(
             config.workers, thread_name_prefix="decode", initializer=_one_torch_thread
         )
+        # Texts are tokenized on a thread of their own: a call of long texts must not hold up
+        # the images waiting for a decode worker.
+        self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self._batcher = DynamicBatcher(
             [
                 BatchQueue("image", run_images, Encoded.join),
@@ -267,7 +276,7 @@ class EncoderEngine:
             return result
         self._admit(len(positions), caller)
         result.add_done_callback(lambda _: self._release(len(positions)))
-        self._workers.submit(self._tokenize_and_queue, texts, positions, errors, caller, result)
+        self._tokenizing.submit(self._tokenize_and_queue, texts, positions, errors, caller, result)
         return result
 
     def _text_problem(self, text: str) -> str | None:
@@ -276,6 +285,12 @@ class EncoderEngine:
         size = len(text.encode("utf-8"))
         if size > self.config.max_text_bytes:
             return f"text is {size} bytes, over the limit of {self.config.max_text_bytes}"
+        longest = max(map(len, text.split()))
+        if longest > MAX_WORD_CHARS:
+            return (
+                f"text has a word of {longest} characters (no space in it), over the limit of "
+                f"{MAX_WORD_CHARS}: the tokenizer's time grows with the square of a word's length"
+            )
         return None
 
     def _tokenize_and_queue(
@@ -288,6 +303,12 @@ class EncoderEngine:
     ) -> None:
         try:
             tokens = self._tokenizer([texts[index] for index in positions])
+            for index, row in zip(positions, tokens, strict=True):
+                if self._tokenizer.is_empty(row):  # its row is encoded, its error is the answer
+                    errors[index] = InvalidArgument(
+                        f"texts[{index}]: text is empty once cleaned (only control characters "
+                        "or markup such as &nbsp;)"
+                    )
             queued = self._batcher.submit("text", list(tokens), caller)
         except Exception as error:  # noqa: BLE001 - every caller must get an answer
             _settle(result, error=error)
@@ -371,6 +392,7 @@ class EncoderEngine:
     def close(self, drain: bool = True) -> None:
         """Finish (drain) or fail what is queued, then stop the threads and the runtime."""
         self._workers.shutdown(wait=drain, cancel_futures=not drain)
+        self._tokenizing.shutdown(wait=drain, cancel_futures=not drain)
         self._batcher.close(drain=drain)
         if self._device_images is not None:
             self._device_images.close()

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,7 @@ class LoadedModel:
     config: ModelConfig
     model: Any  # open_clip.CLIP
     preprocess: Callable[[Any], Any]  # PIL image -> float32 tensor (3, S, S)
-    tokenizer: Callable[[list[str]], Any]  # texts -> int64 tensor (N, context_length)
+    tokenizer: Tokenizer
     model_id: str
     dim: int
     image_size: int
@@ -61,6 +62,75 @@ class LoadedModel:
     @property
     def random_weights(self) -> bool:
         return self.config.random_weights
+
+
+# Words open_clip's tokenizer remembers (it keeps every distinct word it ever saw): past this,
+# the memory of a long-running encoder would grow with every new query.
+TOKEN_CACHE_ENTRIES = 50_000
+
+
+class Tokenizer:
+    """open_clip's tokenizer, with the same tokens, bounded in time and memory for any text.
+
+    For open_clip's BPE tokenizer (CLIP's), only the words that can reach the context are
+    encoded: every word is at least one token, so the first `context_length` words hold
+    all that is kept, and a long text costs no more than a short one. Its word cache
+    is cleared when full. Other tokenizers are called as they are.
+    """
+
+    def __init__(
+        self, inner: Callable[[list[str]], Any], cache_entries: int = TOKEN_CACHE_ENTRIES
+    ) -> None:
+        self._inner = inner
+        self.context_length = int(getattr(inner, "context_length", None) or 77)
+        self._bpe = (
+            type(inner).__name__ == "SimpleTokenizer" and getattr(inner, "reduction_fn", 0) is None
+        )
+        if self._bpe:
+            inner.cache = _BoundedCache(inner.cache, cache_entries)
+
+    def __call__(self, texts: Sequence[str]) -> Any:
+        """texts -> int64 tensor (N, context_length), as open_clip's tokenizer gives it."""
+        if not self._bpe:
+            return self._inner(list(texts))
+        import torch
+
+        result = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        for row, text in enumerate(texts):
+            tokens = self._tokens(text)
+            result[row, : len(tokens)] = torch.tensor(tokens)
+        return result
+
+    def is_empty(self, row: Any) -> bool:
+        """A row of nothing but the start and end tokens: a text that cleaned to nothing
+        (control characters, markup such as &nbsp;)."""
+        return self._bpe and int(row[1]) == self._inner.eot_token_id
+
+    def _tokens(self, text: str) -> list[int]:
+        """SimpleTokenizer.encode's steps, over the first context_length words only; then
+        its truncation (the end token replaces the last one kept)."""
+        inner = self._inner
+        tokens = [inner.sot_token_id]
+        words = inner.pat.finditer(inner.clean_fn(text))  # the `regex` module's pattern
+        for word in itertools.islice(words, self.context_length):
+            symbols = "".join(inner.byte_encoder[b] for b in word.group().encode("utf-8"))
+            tokens.extend(inner.encoder[piece] for piece in inner.bpe(symbols).split(" "))
+        return tokens[: self.context_length - 1] + [inner.eot_token_id]
+
+
+class _BoundedCache(dict):
+    """A dict that starts over from its first entries (the special tokens) when full."""
+
+    def __init__(self, first: dict, limit: int) -> None:
+        super().__init__(first)
+        self._first = dict(first)
+        self._limit = limit
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if len(self) >= self._limit:
+            self.clear()
+            self.update(self._first)
+        super().__setitem__(key, value)
 
 
 def load_model(config: ModelConfig) -> LoadedModel:
@@ -97,7 +167,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
         config=config,
         model=model,
         preprocess=preprocess,
-        tokenizer=tokenizer,
+        tokenizer=Tokenizer(tokenizer),
         model_id=model_id,
         dim=int(model.text_projection.shape[1])
         if getattr(model, "text_projection", None) is not None

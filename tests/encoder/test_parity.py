@@ -126,3 +126,32 @@ def test_service_vectors_match_open_clip_reference(runtime: str, reference, tiny
     finally:
         thread.stop(0)
         app.engine.close(drain=False)
+
+
+def test_the_tokenizer_gives_open_clips_tokens_for_any_text_and_forgets_old_words() -> None:
+    """Ours encodes only the words that can reach the context and bounds its word cache;
+    open_clip's own tokenizer is the oracle for the tokens."""
+    import open_clip
+
+    from encoder_service.model import Tokenizer
+
+    texts = [
+        "a photo of a red dress",
+        "navy denim jacket " * 30,  # past the context: truncated the same way
+        " ".join(f"w{i}" for i in range(76)),  # the 76 words that fill it exactly
+        " ".join(f"w{i}" for i in range(77)),
+        "ß ü 東京タワー 🚀 naïve café",
+        "&amp;lt;b&amp;gt; bold &nbsp; tags",  # markup unescaped as open_clip unescapes it
+        "tabs\tand\nnew   lines",
+        "!!!??? ... 'quoted' it's don't",
+        "x" * 100,
+    ]
+    ours = Tokenizer(open_clip.get_tokenizer("ViT-B-32"))
+    assert torch.equal(ours(texts), open_clip.get_tokenizer("ViT-B-32")(texts))
+    assert not ours.is_empty(ours(["a"])[0]) and ours.is_empty(ours(["\x00"])[0])
+
+    inner = open_clip.get_tokenizer("ViT-B-32")
+    small = Tokenizer(inner, cache_entries=100)
+    words = [f"word{i}x" for i in range(1000)]
+    assert torch.equal(small(words), open_clip.get_tokenizer("ViT-B-32")(words))
+    assert len(inner.cache) <= 100  # open_clip's own would hold all 1,000

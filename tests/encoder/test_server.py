@@ -97,6 +97,7 @@ def test_a_stream_of_good_and_bad_images_answers_every_item(encoder_server: Serv
 def test_texts_get_one_reply_each_in_order(encoder_server: ServerThread) -> None:
     stub = stub_for(encoder_server.target)
     texts = ["red dress", "", "white sneakers", "x" * 20_000, "red dress", "a " * 500]
+    texts += ["\x00\x01", "&nbsp;", "shoes " + "y" * 101]
     items = stub.EncodeText(encoder_pb2.TextBatch(texts=texts), timeout=10).items
     assert [item.id for item in items] == [str(i) for i in range(len(texts))]
     assert (
@@ -106,6 +107,13 @@ def test_texts_get_one_reply_each_in_order(encoder_server: ServerThread) -> None
     assert (
         items[3].error.code == INVALID_ARGUMENT
         and "over the limit of 16384" in items[3].error.message
+    )
+    for index in (6, 7):  # what cleaning leaves nothing of would be the empty prompt's vector
+        assert items[index].error.code == INVALID_ARGUMENT
+        assert "text is empty once cleaned" in items[index].error.message
+    assert items[8].error.code == INVALID_ARGUMENT
+    assert "a word of 101 characters (no space in it), over the limit of 100" in (
+        items[8].error.message
     )
     for index in (0, 2, 4, 5):  # index 5 is longer than the context: truncated, still encoded
         assert len(items[index].vector) == 64
