@@ -1,9 +1,9 @@
 """What a run must do: compare what is on disk with what the catalog holds.
 
-A product is skipped when its image's sha256, its metadata and the model of
-its vector all match the catalog; it is re-sent without re-encoding when only
-its metadata changed; and it is encoded when new or when its image changed.
-Identical images (same sha256) are encoded once.
+A product is skipped when its image's sha256, its metadata, its image's path and
+the model of its vector all match the catalog; it is re-sent without re-encoding
+when only its metadata or its image's path changed; and it is encoded when new
+or when its image changed. Identical images (same sha256) are encoded once.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class Stored:
     sha256: str
     model_id: str
     metadata: tuple[tuple[str, str | int], ...]
+    image_path: str = ""  # where the page finds its picture (see sources.IMAGE_PATH_ATTRIBUTE)
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,10 @@ class Planner:
         before = self.stored.get(item.id)
         if before is None or before.sha256 != sha256 or before.model_id != self.model_id:
             kind = "encode"
-        elif normalized(before.metadata) != normalized(item.metadata):
+        elif (
+            normalized(before.metadata) != normalized(item.metadata)
+            or before.image_path != item.image_path  # renamed or moved, the same bytes
+        ):
             kind = "metadata_only"
         else:
             kind = "unchanged"

@@ -18,6 +18,7 @@ import numpy as np
 from grpc import aio
 
 from indexer.plan import METADATA_FIELDS, Stored
+from indexer.sources import IMAGE_PATH_ATTRIBUTE
 from vpm.v1 import search_pb2
 from vpm_common.matrix import pack
 from vpm_common.search_client import SearchClient
@@ -44,7 +45,10 @@ async def stored_products(search: SearchClient) -> dict[str, Stored]:
         async for batch in search.product_batches():
             for product in batch.products:
                 stored[product.id] = Stored(
-                    product.image_sha256, product.model_id, metadata_of(product)
+                    product.image_sha256,
+                    product.model_id,
+                    metadata_of(product),
+                    product.attributes.get(IMAGE_PATH_ATTRIBUTE, ""),
                 )
         return stored
 

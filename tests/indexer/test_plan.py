@@ -18,12 +18,16 @@ def write_items(folder: Path, count: int) -> list[SourceItem]:
     for index in range(count):
         path = folder / f"{index}.jpg"
         path.write_bytes(images.jpeg(40, 30, seed=index))
-        items.append(SourceItem(str(index), path, (("name", f"item {index}"),)))
+        items.append(SourceItem(str(index), path, (("name", f"item {index}"),), path.name))
     return items
 
 
-def stored_as(item: SourceItem, sha256: str, metadata=None, model_id: str = MODEL) -> Stored:
-    return Stored(sha256, model_id, normalized(metadata or item.metadata))
+def stored_as(
+    item: SourceItem, sha256: str, metadata=None, model_id: str = MODEL, image_path: str = ""
+) -> Stored:
+    return Stored(
+        sha256, model_id, normalized(metadata or item.metadata), image_path or item.image_path
+    )
 
 
 def test_each_file_is_decided_by_its_own_hash(tmp_path: Path) -> None:
@@ -35,11 +39,13 @@ def test_each_file_is_decided_by_its_own_hash(tmp_path: Path) -> None:
         "1": stored_as(items[1], digests[1], (("name", "old name"),)),  # metadata only
         "2": stored_as(items[2], digests[3]),  # another image before
         "3": stored_as(items[3], digests[3], model_id="other-model"),  # another model's vector
+        # The same bytes under another name (3.JPG renamed 3.jpg): the page's path must follow.
+        "4": stored_as(items[4], digests[4], image_path="4.JPG"),
     }
     plan = make_plan(items, stored, MODEL, workers=2)
     assert [h.item.id for h in plan.unchanged] == ["0"]
-    assert [h.item.id for h in plan.metadata_only] == ["1"]
-    assert [h.item.id for h in plan.encode] == [item.id for item in items[2:]]
+    assert [h.item.id for h in plan.metadata_only] == ["1", "4"]
+    assert [h.item.id for h in plan.encode] == [item.id for item in items[2:] if item.id != "4"]
     for hashed in plan.encode + plan.unchanged + plan.metadata_only:
         assert hashed.sha256 == digests[int(hashed.item.id)]
 
