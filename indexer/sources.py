@@ -259,12 +259,17 @@ def walk_images(root: Path, found: Discovery) -> list[Path]:
     def unlisted(error: OSError) -> None:  # e.g. no permission, a stale network mount
         found.unread(str(error.filename), f"folder not listed ({error.strerror}); skipped")
 
-    for folder, subfolders, files in os.walk(root, onerror=unlisted, followlinks=True):
-        folder_stat = os.stat(folder)
-        if (folder_stat.st_dev, folder_stat.st_ino) in visited:
-            subfolders[:] = []  # a link loop, or a second link to a folder already walked
+    # The folders under root by their own paths: one reached first through a link is walked
+    # at its own path instead, so that its files' category and image_path are their own.
+    top = os.fspath(root)
+    own = {_key(folder) for folder, _, _ in os.walk(top)}
+    for folder, subfolders, files in os.walk(top, onerror=unlisted, followlinks=True):
+        key = _key(folder)
+        linked = folder != top and os.path.islink(folder)  # root itself may be a link
+        if key in visited or (key in own and linked):
+            subfolders[:] = []  # a link loop, or a link to a folder walked at its own path
             continue
-        visited.add((folder_stat.st_dev, folder_stat.st_ino))
+        visited.add(key)
         subfolders.sort()
         for name in sorted(files):
             if not name.lower().endswith(IMAGE_EXTENSIONS):
@@ -282,3 +287,8 @@ def walk_images(root: Path, found: Discovery) -> list[Path]:
             if key not in chosen or (chosen[key].is_symlink() and not path.is_symlink()):
                 chosen[key] = path
     return sorted(chosen.values())
+
+
+def _key(folder: str) -> tuple[int, int]:
+    status = os.stat(folder)
+    return status.st_dev, status.st_ino

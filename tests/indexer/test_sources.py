@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -110,9 +111,18 @@ def test_folder_layout_follows_links_once_and_survives_loops(tmp_path: Path) -> 
     os.symlink(root, root / "bags" / "loop")  # a loop back to the top
     os.symlink(root / "shoes" / "a1.jpg", root / "bags" / "a1-link.jpg")  # the same file again
     (root / "bags" / "a2.jpg").write_bytes(b"y")  # same id as shoes/sneakers/a2.PNG
+    # A link to a folder that the walk meets before the folder itself ("bags" < "shoes").
+    os.symlink(root / "shoes", root / "bags" / "also-shoes")
     found = folder_catalog(root)
     categories = {item.id: item.fields()["category"] for item in found.items}
     assert categories == {"b1": "bags", "a2": "bags", "a1": "shoes", "top": ""}
+    paths = {item.id: item.fields().get("attributes", {}).get("image_path") for item in found.items}
+    assert paths["a1"] == "shoes/a1.jpg"
+    os.symlink(root, tmp_path / "catalog-link")  # --dir given as a link to the catalog
+    assert folder_catalog(tmp_path / "catalog-link").items == [
+        dataclasses.replace(item, path=tmp_path / "catalog-link" / item.path.relative_to(root))
+        for item in found.items
+    ]
     assert any("id 'a2' also at" in what for _, what in found.problems)
 
 
