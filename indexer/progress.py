@@ -39,6 +39,7 @@ class Progress:
         self.every_s = every_s
         self.started = time.monotonic()
         self._last_log = self.started
+        self._logged: tuple = (0, self.acknowledged)  # the counts the last line showed
         self._bar: Any = None
         if mode == "bar" and total:
             from tqdm import tqdm
@@ -64,6 +65,7 @@ class Progress:
         now = time.monotonic()
         if now - self._last_log >= self.every_s or finished:
             self._last_log = now
+            self._logged = (self.done, self.acknowledged)
             logger.info("%s", self.line())
 
     def line(self) -> str:
@@ -79,6 +81,10 @@ class Progress:
         return line
 
     def close(self) -> None:
+        """End the display; in log mode, a last line with the final counts if the last one
+        logged is behind them (the acknowledgements trail the work)."""
+        if self.mode == "log" and self._logged != (self.done, self.acknowledged):
+            self._log(finished=True)
         if self._bar is not None:
             self._bar.close()
             self._bar = None

@@ -37,3 +37,16 @@ def test_lines_come_every_interval_and_at_the_end(caplog: pytest.LogCaptureFixtu
     progress.advance(1)
     [line] = [record.getMessage() for record in caplog.records]
     assert re.fullmatch(r"hashing: 3/3 file \([\d.]+ file/s, ETA 0 s\)", line), line
+
+
+def test_closing_logs_the_acknowledgements_that_came_after_the_last_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="indexer.progress")
+    progress = Progress(3, "indexing", mode="log", every_s=3600, acknowledgements=True)
+    progress.advance(3)  # the work's last line, before the search service acknowledged it
+    progress.acknowledge(3)
+    progress.close()
+    progress.close()  # nothing new: no line
+    lines = [re.sub(r" \(.*?\)", "", record.getMessage()) for record in caplog.records]
+    assert lines == ["indexing: 3/3 img, 0 acknowledged", "indexing: 3/3 img, 3 acknowledged"]
