@@ -83,9 +83,17 @@ def png_declaring(width: int, height: int) -> bytes:
     )
 
 
+def sixteen_bit_ramp(width: int, height: int) -> np.ndarray:
+    return (np.linspace(0, 65535, width * height).reshape(height, width)).astype(np.uint16)
+
+
 def sixteen_bit_png(width: int = 200, height: int = 150) -> bytes:
-    ramp = (np.linspace(0, 65535, width * height).reshape(height, width)).astype(np.uint16)
-    return encode(Image.fromarray(ramp), "PNG")
+    return encode(Image.fromarray(sixteen_bit_ramp(width, height)), "PNG")
+
+
+def sixteen_bit_png_as_viewed(width: int = 200, height: int = 150) -> Image.Image:
+    """The 8-bit greyscale picture a viewer shows for sixteen_bit_png (its levels / 256)."""
+    return Image.fromarray((sixteen_bit_ramp(width, height) // 256).astype(np.uint8), "L")
 
 
 def cmyk_jpeg(width: int = 300, height: int = 200, seed: int = 4) -> bytes:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vpm_common.errors import InvalidArgument
@@ -95,7 +96,15 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
         raise InvalidArgument(_too_many_pixels(limits)) from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError):
         raise InvalidArgument("image data is truncated or corrupt") from None
-    return _upright(image)
+    return _eight_bit(_upright(image))
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image as 8-bit greyscale, its levels scaled as a viewer shows them:
+    Pillow's conversion to RGB clips every level over 255, a white square for most photos."""
+    if not image.mode.startswith("I;16"):
+        return image
+    return Image.fromarray((np.asarray(image) >> 8).astype(np.uint8), "L")
 
 
 def _too_many_pixels(limits: ImageLimits) -> str:

@@ -43,7 +43,8 @@ def corpus() -> dict[str, tuple[bytes, Image.Image | None]]:
         "png-la": (images.encode(pic(200, 260, seed=8).convert("LA"), "PNG"), None),
         "png-palette": (images.encode(pic(240, 180, seed=9).convert("P"), "PNG"), None),
         "png-1bit": (images.encode(pic(200, 200, seed=10).convert("1"), "PNG"), None),
-        "png-16bit": (images.sixteen_bit_png(220, 160), None),
+        # As a viewer shows it: its 16-bit levels scaled to 8 (Pillow's RGB would clip them).
+        "png-16bit": (images.sixteen_bit_png(220, 160), images.sixteen_bit_png_as_viewed(220, 160)),
         "jpeg-cmyk": (images.cmyk_jpeg(300, 200), None),
         "gif-animated": (images.animated_gif(160, 120), None),
         "webp-lossy": (images.encode(pic(400, 300, seed=14), "WEBP", quality=80), None),
