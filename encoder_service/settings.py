@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
+
 from vpm_common.cpus import available_cpus
 from vpm_common.guard_settings import ServerGuards
 from vpm_common.settings import check, setting
@@ -12,6 +14,10 @@ from vpm_common.settings import check, setting
 ENV_PREFIX = "VPM_ENCODER_"
 # Image bytes per batched request: ~450 photos of the fashion set's ~70 KB.
 REQUEST_IMAGE_BYTES = 32 * 1024 * 1024
+
+
+# Past this many pixels Pillow refuses to open an image whatever our own limit says.
+PILLOW_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,12 @@ class EncoderSettings(ServerGuards):
         check(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")
         check(self.queue_size >= 0, "queue_size", f"must be >= 0, got {self.queue_size}")
         check(self.max_image_bytes > 0, "max_image_bytes", "must be positive")
-        check(self.max_image_pixels > 0, "max_image_pixels", "must be positive")
+        check(
+            0 < self.max_image_pixels <= PILLOW_MAX_PIXELS,
+            "max_image_pixels",
+            f"must be 1 to {PILLOW_MAX_PIXELS} (Pillow refuses larger images as decompression "
+            f"bombs), got {self.max_image_pixels}",
+        )
         check(self.max_texts > 0, "max_texts", "must be positive")
         check(self.max_text_bytes > 0, "max_text_bytes", "must be positive")
         check(self.grace_s >= 0, "grace_s", "must be >= 0")

@@ -84,3 +84,16 @@ def test_encoder_flags_match_the_contract() -> None:
         SettingsError, match="VPM_ENCODER_RUNTIME: expected one of auto, torch, onnx"
     ):
         load_settings(EncoderSettings, ENV_PREFIX, [], {"VPM_ENCODER_RUNTIME": "tensorrt"})
+
+
+def test_an_encoder_pixel_limit_pillow_would_not_honour_is_refused() -> None:
+    """Pillow refuses images over twice its MAX_IMAGE_PIXELS as bombs, whatever ours says."""
+    from PIL import Image
+
+    beyond = 2 * Image.MAX_IMAGE_PIXELS + 1
+    with pytest.raises(SettingsError, match=r"--max-image-pixels .*: must be 1 to \d+ \(Pillow"):
+        load_settings(EncoderSettings, ENV_PREFIX, ["--max-image-pixels", str(beyond)], {})
+    settings = load_settings(
+        EncoderSettings, ENV_PREFIX, ["--max-image-pixels", str(beyond - 1)], {}
+    )
+    assert settings.max_image_pixels == beyond - 1
